@@ -1,0 +1,3 @@
+from lightning_tools.cli import main
+
+main()

@@ -1,0 +1,448 @@
+"""Lazy safetensors reading, an incremental writer, atomic outputs and fast hashing.
+
+A checkpoint is a named collection of tensors whose shapes and dtypes come from the safetensors header; data
+is read only when a tensor is asked for. The writer plans the header first and then takes tensors one at a
+time, so peak memory is a few tensors, never the model.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import math
+import os
+import shutil
+import struct
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from lightning_tools.errors import UserError
+
+ITEM_SIZE = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "F8_E4M3": 1, "F8_E5M2": 1,
+             "I64": 8, "I32": 4, "I16": 2, "I8": 1, "U64": 8, "U32": 4, "U16": 2, "U8": 1, "BOOL": 1}
+TORCH_DTYPE = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
+               "F8_E4M3": torch.float8_e4m3fn, "F8_E5M2": torch.float8_e5m2,
+               "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8,
+               "U8": torch.uint8, "BOOL": torch.bool}
+CODE_OF = {v: k for k, v in TORCH_DTYPE.items()}
+FLOAT_CODES = frozenset({"F64", "F32", "F16", "BF16", "F8_E4M3", "F8_E5M2"})
+# What users type (--dtype fp16) -> safetensors code.
+DTYPE_NAMES = {"fp16": "F16", "bf16": "BF16", "fp32": "F32"}
+
+HASH_KEY = "modelspec.hash_sha256"
+_HASH_PLACEHOLDER = "0x" + "0" * 64
+_MAX_HEADER = 100 * 1024 * 1024
+_CHUNK = 16 * 1024 * 1024
+
+
+class CorruptFile(UserError):
+    """The file is not a well-formed safetensors file (truncated, padded, bad header)."""
+
+
+@dataclass(frozen=True)
+class TensorInfo:
+    """Where one tensor lives: file, absolute byte range, dtype code and shape."""
+
+    name: str
+    dtype: str
+    shape: tuple[int, ...]
+    path: Path
+    start: int
+    end: int
+
+    @property
+    def nbytes(self) -> int:
+        return self.end - self.start
+
+    @property
+    def numel(self) -> int:
+        return math.prod(self.shape)
+
+    @property
+    def is_float(self) -> bool:
+        return self.dtype in FLOAT_CODES
+
+
+def _corrupt(path: Path, what: str) -> CorruptFile:
+    return CorruptFile(f"{path}: {what}; the file is damaged or not safetensors: download or export it again")
+
+
+def read_header(path: Path) -> tuple[dict[str, TensorInfo], dict[str, str], int]:
+    """Parse and validate a safetensors header: (tensors, metadata, data_start).
+
+    Catches truncated, padded and inconsistent files from the header alone: every tensor's byte size must equal
+    dtype x shape and the tensors must tile the data section exactly.
+    """
+    path = Path(path)
+    if not path.exists():
+        raise UserError(f"{path}: no such file")
+    if path.is_dir():
+        raise UserError(f"{path}: is a folder, expected a .safetensors file")
+    size = path.stat().st_size
+    with open(path, "rb") as f:
+        head = f.read(8)
+        if len(head) < 8:
+            raise _corrupt(path, f"only {size} bytes, too short for a safetensors header")
+        (n,) = struct.unpack("<Q", head)
+        if n > size - 8:
+            raise _corrupt(path, f"header claims {n} bytes but the file has {size - 8} after the length field")
+        if n > _MAX_HEADER:
+            raise _corrupt(path, f"header of {n} bytes is implausibly large")
+        raw = f.read(n)
+    try:
+        header = json.loads(raw)
+    except (UnicodeDecodeError, json.JSONDecodeError):
+        raise _corrupt(path, "header is not JSON") from None
+    if not isinstance(header, dict):
+        raise _corrupt(path, "header is not a JSON object")
+    metadata = header.pop("__metadata__", None) or {}
+    data_start = 8 + n
+    tensors: dict[str, TensorInfo] = {}
+    for name, entry in header.items():
+        try:
+            dtype, shape, (begin, end) = entry["dtype"], tuple(entry["shape"]), entry["data_offsets"]
+        except (TypeError, KeyError, ValueError):
+            raise _corrupt(path, f"header entry {name!r} is malformed") from None
+        if dtype not in ITEM_SIZE:
+            raise _corrupt(path, f"tensor {name!r} has unknown dtype {dtype!r}")
+        if end - begin != math.prod(shape) * ITEM_SIZE[dtype]:
+            raise _corrupt(path, f"tensor {name!r} spans {end - begin} bytes but {dtype}{list(shape)} needs "
+                                 f"{math.prod(shape) * ITEM_SIZE[dtype]}")
+        tensors[name] = TensorInfo(name, dtype, shape, path, data_start + begin, data_start + end)
+    cursor = data_start
+    for info in sorted(tensors.values(), key=lambda t: t.start):
+        if info.start != cursor:
+            raise _corrupt(path, f"tensor {info.name!r} starts at byte {info.start - data_start} of the data, "
+                                 f"expected {cursor - data_start} (offsets overlap or leave a gap)")
+        cursor = info.end
+    if cursor != size:
+        what = "truncated" if cursor > size else "has trailing bytes"
+        raise _corrupt(path, f"{what}: tensors end at byte {cursor}, the file has {size}")
+    return tensors, metadata, data_start
+
+
+class SafetensorsFile(Mapping[str, TensorInfo]):
+    """A lazy, validated view of one .safetensors file; a Mapping from key to TensorInfo."""
+
+    def __init__(self, path: Path | str):
+        self.path = Path(path)
+        self.tensors, self.metadata, self.data_start = read_header(self.path)
+        self._handle = None
+
+    def __getitem__(self, key: str) -> TensorInfo:
+        return self.tensors[key]
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self.tensors)
+
+    def __len__(self) -> int:
+        return len(self.tensors)
+
+    def load(self, key: str) -> torch.Tensor:
+        from safetensors import safe_open
+
+        if self._handle is None:
+            self._handle = safe_open(str(self.path), framework="pt")
+        return self._handle.get_tensor(key)
+
+
+class TensorSource(Mapping[str, TensorInfo]):
+    """Several safetensors files seen as one collection (a sharded component, or a single file)."""
+
+    def __init__(self, files: Sequence[SafetensorsFile]):
+        self.files = list(files)
+        self._owner: dict[str, SafetensorsFile] = {}
+        for f in self.files:
+            for key in f:
+                if key in self._owner:
+                    raise UserError(f"{f.path}: tensor {key!r} also appears in {self._owner[key].path}")
+                self._owner[key] = f
+
+    @classmethod
+    def open(cls, path: Path | str) -> "TensorSource":
+        """A .safetensors file, a `*.safetensors.index.json`, or a component folder holding either."""
+        return cls([SafetensorsFile(p) for p in weight_files(Path(path))])
+
+    @property
+    def metadata(self) -> dict[str, str]:
+        return self.files[0].metadata if len(self.files) == 1 else {}
+
+    def __getitem__(self, key: str) -> TensorInfo:
+        return self._owner[key][key]
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._owner)
+
+    def __len__(self) -> int:
+        return len(self._owner)
+
+    def load(self, key: str) -> torch.Tensor:
+        return self._owner[key].load(key)
+
+    def nbytes(self) -> int:
+        return sum(info.nbytes for info in self.values())
+
+
+_WEIGHT_STEMS = ("diffusion_pytorch_model", "model")
+
+
+def weight_files(path: Path) -> list[Path]:
+    """The safetensors files behind a file, an index.json, or a diffusers component folder.
+
+    In a folder the full-precision weights win over a `.fp16` variant, which is used only when alone.
+    """
+    if path.is_file():
+        if path.name.endswith(".index.json"):
+            try:
+                weight_map = json.loads(path.read_text())["weight_map"]
+            except (json.JSONDecodeError, KeyError, TypeError):
+                raise UserError(f"{path}: not a valid safetensors index (no weight_map)") from None
+            return [path.parent / name for name in dict.fromkeys(weight_map.values())]
+        return [path]
+    if not path.exists():
+        raise UserError(f"{path}: no such file or folder")
+    for variant in ("", ".fp16"):
+        for stem in _WEIGHT_STEMS:
+            index = path / f"{stem}.safetensors.index{variant}.json"
+            if index.is_file():
+                return weight_files(index)
+            single = path / f"{stem}{variant}.safetensors"
+            if single.is_file():
+                return [single]
+    if any(path.glob("*.bin")) or any(path.glob("*.ckpt")):
+        raise UserError(f"{path}: only pickle weights (.bin/.ckpt) here; re-save them as safetensors first")
+    raise UserError(f"{path}: no safetensors weights found")
+
+
+def read_raw(info: TensorInfo, chunk: int = _CHUNK) -> Iterator[memoryview]:
+    """The tensor's bytes exactly as stored, in chunks: copying them needs no decode or encode."""
+    with open(info.path, "rb", buffering=0) as f:
+        f.seek(info.start)
+        left = info.nbytes
+        buf = bytearray(min(chunk, max(left, 1)))
+        view = memoryview(buf)
+        while left:
+            n = f.readinto(view[: min(left, len(buf))])
+            if not n:
+                raise _corrupt(info.path, f"ended inside tensor {info.name!r}")
+            left -= n
+            yield view[:n]
+
+
+def tensor_bytes(t: torch.Tensor) -> memoryview:
+    """A tensor's little-endian bytes as safetensors stores them (zero-copy for contiguous CPU tensors)."""
+    t = t.detach().to("cpu").contiguous().reshape(-1)
+    return memoryview(t.view(torch.uint8).numpy()) if t.numel() else memoryview(b"")
+
+
+@dataclass(frozen=True)
+class Planned:
+    """One tensor the writer will receive: the header is built from these before any data is written."""
+
+    name: str
+    dtype: str
+    shape: tuple[int, ...]
+
+    @property
+    def nbytes(self) -> int:
+        return math.prod(self.shape) * ITEM_SIZE[self.dtype]
+
+
+@contextlib.contextmanager
+def atomic_output(path: Path | str, overwrite: bool = False) -> Iterator[Path]:
+    """Yield a temporary path beside `path`; it becomes `path` only if the block completes.
+
+    Works for files and folders. An existing output is refused unless `overwrite`; an interrupted run leaves
+    nothing under the final name.
+    """
+    path = Path(path)
+    if path.exists() and not overwrite:
+        raise UserError(f"{path}: already exists; pass --overwrite to replace it")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.partial")
+    _remove(tmp)
+    try:
+        yield tmp
+    except BaseException:
+        _remove(tmp)
+        raise
+    if path.is_dir() and not path.is_symlink():
+        old = path.with_name(f".{path.name}.{os.getpid()}.old")
+        os.replace(path, old)
+        os.replace(tmp, path)
+        _remove(old)
+    else:
+        os.replace(tmp, path)
+
+
+def _remove(p: Path) -> None:
+    if p.is_dir() and not p.is_symlink():
+        shutil.rmtree(p)
+    elif p.exists() or p.is_symlink():
+        p.unlink()
+
+
+class SafetensorsWriter:
+    """Write a safetensors file tensor by tensor, in the planned order.
+
+    The header is written first from the plan; `modelspec.hash_sha256` (sha256 of the data after the header)
+    is filled in at the end when `metadata` asks for it by containing that key. Use as a context manager on a
+    path from `atomic_output`, or on a final path (it then writes to a temporary name itself).
+    """
+
+    def __init__(self, path: Path | str, plan: Sequence[Planned], metadata: Mapping[str, str] | None = None,
+                 overwrite: bool = False):
+        self.path = Path(path)
+        self.plan = list(plan)
+        self.metadata = {k: str(v) for k, v in (metadata or {}).items()}
+        self.overwrite = overwrite
+        self._want_hash = HASH_KEY in self.metadata
+        if self._want_hash:
+            self.metadata[HASH_KEY] = _HASH_PLACEHOLDER
+        self._digest = hashlib.sha256()
+        self._next = 0
+        self._pending = 0
+        self.sha256: str | None = None
+
+    def _header(self) -> bytes:
+        header: dict[str, object] = {"__metadata__": self.metadata} if self.metadata else {}
+        offset = 0
+        for p in self.plan:
+            header[p.name] = {"dtype": p.dtype, "shape": list(p.shape), "data_offsets": [offset, offset + p.nbytes]}
+            offset += p.nbytes
+        raw = json.dumps(header, separators=(",", ":")).encode()
+        return raw + b" " * (-len(raw) % 8)
+
+    def __enter__(self) -> "SafetensorsWriter":
+        names = [p.name for p in self.plan]
+        if len(set(names)) != len(names):
+            raise ValueError("duplicate tensor names in the write plan")
+        self._atomic = atomic_output(self.path, self.overwrite)
+        self._tmp = self._atomic.__enter__()
+        self._file = open(self._tmp, "wb")
+        header = self._header()
+        self._header_len = len(header)
+        self._file.write(struct.pack("<Q", len(header)) + header)
+        return self
+
+    def write(self, name: str, data: torch.Tensor | bytes | memoryview) -> None:
+        """Append the next planned tensor: a torch tensor of the planned dtype, or its raw bytes."""
+        planned = self.plan[self._next]
+        if name != planned.name:
+            raise ValueError(f"expected tensor {planned.name!r} next, got {name!r}")
+        if isinstance(data, torch.Tensor):
+            if CODE_OF.get(data.dtype) != planned.dtype or tuple(data.shape) != planned.shape:
+                raise ValueError(f"{name}: got {data.dtype}{list(data.shape)}, planned {planned.dtype}{list(planned.shape)}")
+            data = tensor_bytes(data)
+        self.write_bytes(data)
+        if self._pending != planned.nbytes:
+            raise ValueError(f"{name}: wrote {self._pending} bytes, planned {planned.nbytes}")
+        self._pending = 0
+        self._next += 1
+
+    def write_bytes(self, chunk: bytes | memoryview) -> None:
+        """Part of the current tensor's bytes; `write(name, b"")` closes the tensor after streamed chunks."""
+        self._digest.update(chunk)
+        self._file.write(chunk)
+        self._pending += len(chunk)
+
+    def copy(self, info: TensorInfo) -> None:
+        """Copy a source tensor's stored bytes unchanged (same dtype and shape as planned)."""
+        planned = self.plan[self._next]
+        if (info.dtype, info.shape) != (planned.dtype, planned.shape):
+            raise ValueError(f"{info.name}: stored {info.dtype}{list(info.shape)}, planned {planned.dtype}{list(planned.shape)}")
+        for chunk in read_raw(info):
+            self.write_bytes(chunk)
+        self.write(planned.name, b"")
+
+    def __exit__(self, exc_type, exc, tb) -> None:
+        try:
+            if exc_type is None and self._next != len(self.plan):
+                missing = self.plan[self._next].name
+                raise ValueError(f"writer closed after {self._next} of {len(self.plan)} tensors (next: {missing})")
+            if exc_type is None:
+                self.sha256 = self._digest.hexdigest()
+                if self._want_hash:
+                    self.metadata[HASH_KEY] = "0x" + self.sha256
+                    header = self._header()
+                    assert len(header) == self._header_len
+                    self._file.seek(8)
+                    self._file.write(header)
+        except BaseException as e:
+            self._file.close()
+            self._atomic.__exit__(type(e), e, e.__traceback__)
+            raise
+        self._file.close()
+        self._atomic.__exit__(exc_type, exc, tb)
+
+
+def hash_file(path: Path | str, start: int = 0, progress=None) -> str:
+    """sha256 hex of a file from byte `start` on, in large reads (OpenSSL's SHA-NI path: >1 GB/s)."""
+    digest = hashlib.sha256()
+    buf = bytearray(_CHUNK)
+    view = memoryview(buf)
+    with open(path, "rb", buffering=0) as f:
+        f.seek(start)
+        while n := f.readinto(buf):
+            digest.update(view[:n])
+            if progress is not None:
+                progress.update(n)
+    return digest.hexdigest()
+
+
+@dataclass(frozen=True)
+class LazyTensor:
+    """A tensor known by dtype and shape and produced on demand.
+
+    `stored` is set when the bytes on disk are exactly this tensor, so a sink can copy them without decoding.
+    Renames keep `stored`; any computation (`map`) drops it.
+    """
+
+    dtype: str
+    shape: tuple[int, ...]
+    load: Callable[[], torch.Tensor]
+    stored: TensorInfo | None = None
+
+    @classmethod
+    def of(cls, source: TensorSource | SafetensorsFile, key: str) -> "LazyTensor":
+        info = source[key]
+        return cls(info.dtype, info.shape, lambda: source.load(key), info)
+
+    def map(self, fn: Callable[[torch.Tensor], torch.Tensor], shape: Sequence[int] | None = None,
+            dtype: str | None = None) -> "LazyTensor":
+        """A derived tensor; give `shape`/`dtype` when `fn` changes them, so plans stay lazy."""
+        load = self.load
+        return LazyTensor(dtype or self.dtype, tuple(self.shape if shape is None else shape), lambda: fn(load()))
+
+
+def target_dtype(code: str, dtype: str | None) -> str:
+    """The dtype a tensor is written in: `dtype` for floating tensors, unchanged for integer ones."""
+    return DTYPE_NAMES.get(dtype, dtype) if dtype and code in FLOAT_CODES else code
+
+
+def write_tensors(path: Path | str, tensors: Mapping[str, LazyTensor], metadata: Mapping[str, str] | None = None,
+                  dtype: str | None = None, overwrite: bool = False, desc: str = "") -> str:
+    """Stream `tensors` into one safetensors file; floating tensors cast to `dtype` (fp16/bf16/fp32) if given.
+
+    Stored tensors whose dtype does not change are copied byte for byte. Returns the sha256 of the data section.
+    """
+    from lightning_tools.progress import bar
+
+    plan = [Planned(name, target_dtype(t.dtype, dtype), t.shape) for name, t in tensors.items()]
+    with SafetensorsWriter(path, plan, metadata, overwrite=overwrite) as w, \
+            bar(sum(p.nbytes for p in plan), desc=desc or Path(path).name) as progress:
+        for p in plan:
+            t = tensors[p.name]
+            if t.stored is not None and t.stored.dtype == p.dtype:
+                w.copy(t.stored)
+            else:
+                value = t.load()
+                if tuple(value.shape) != p.shape:
+                    raise ValueError(f"{p.name}: computed shape {list(value.shape)}, planned {list(p.shape)}")
+                w.write(p.name, value.to(TORCH_DTYPE[p.dtype]))
+            progress.update(p.nbytes)
+    return w.sha256

@@ -1,0 +1,110 @@
+import json
+import struct
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+from lightning_tools.errors import UserError
+from lightning_tools.tensors import (HASH_KEY, CorruptFile, Planned, SafetensorsFile, SafetensorsWriter,
+                                     TensorSource, atomic_output, hash_file, read_header)
+
+
+@pytest.fixture
+def sample(tmp_path):
+    tensors = {"a": torch.randn(3, 4), "b": torch.arange(5, dtype=torch.int64), "c": torch.randn(2).half()}
+    path = tmp_path / "x.safetensors"
+    save_file(tensors, str(path), metadata={"k": "v"})
+    return path, tensors
+
+
+def test_lazy_reader_sees_header_and_loads_on_demand(sample):
+    path, tensors = sample
+    f = SafetensorsFile(path)
+    assert set(f) == set(tensors) and f.metadata == {"k": "v"}
+    assert f["a"].shape == (3, 4) and f["a"].dtype == "F32" and f["b"].dtype == "I64"
+    assert torch.equal(f.load("b"), tensors["b"])
+
+
+def test_writer_streams_converts_and_hashes(sample, tmp_path):
+    path, tensors = sample
+    src = TensorSource.open(path)
+    plan = [Planned("a16", "F16", (3, 4)), Planned("b", "I64", (5,)), Planned("c", "F16", (2,))]
+    out = tmp_path / "out.safetensors"
+    with SafetensorsWriter(out, plan, {HASH_KEY: "", "title": "t"}) as w:
+        w.write("a16", src.load("a").half())
+        w.copy(src["b"])
+        w.copy(src["c"])
+    loaded = load_file(str(out))
+    assert torch.equal(loaded["a16"], tensors["a"].half()) and torch.equal(loaded["b"], tensors["b"])
+    reread = SafetensorsFile(out)
+    assert reread.metadata[HASH_KEY] == "0x" + hash_file(out, reread.data_start) == "0x" + w.sha256
+
+
+def test_interrupted_write_leaves_nothing(sample, tmp_path):
+    path, _ = sample
+    out = tmp_path / "out.safetensors"
+    with pytest.raises(RuntimeError):
+        with SafetensorsWriter(out, [Planned("a", "F32", (3, 4)), Planned("b", "I64", (5,))]) as w:
+            w.copy(SafetensorsFile(path)["a"])
+            raise RuntimeError("killed")
+    assert list(tmp_path.iterdir()) == [path]
+
+
+def test_existing_output_needs_overwrite(sample, tmp_path):
+    path, _ = sample
+    with pytest.raises(UserError, match="--overwrite"):
+        with atomic_output(path):
+            pass
+    folder = tmp_path / "folder"
+    folder.mkdir()
+    (folder / "old").write_text("old")
+    with atomic_output(folder, overwrite=True) as tmp:
+        tmp.mkdir()
+        (tmp / "new").write_text("new")
+    assert [p.name for p in folder.iterdir()] == ["new"]
+
+
+@pytest.mark.parametrize("damage, message", [
+    (lambda b: b[:-3], "truncated"),
+    (lambda b: b + b"\0\0", "trailing bytes"),
+    (lambda b: struct.pack("<Q", 10**9) + b[8:], "header claims"),
+    (lambda b: b[:8] + b"{nonsense" + b[17:], "not JSON"),
+])
+def test_structure_damage_is_caught_without_hashing(sample, damage, message):
+    path, _ = sample
+    path.write_bytes(damage(path.read_bytes()))
+    with pytest.raises(CorruptFile, match=message):
+        read_header(path)
+
+
+def test_offsets_gap_is_caught(tmp_path):
+    header = {"a": {"dtype": "F32", "shape": [1], "data_offsets": [4, 8]}}
+    raw = json.dumps(header).encode()
+    path = tmp_path / "gap.safetensors"
+    path.write_bytes(struct.pack("<Q", len(raw)) + raw + b"\0" * 8)
+    with pytest.raises(CorruptFile, match="gap"):
+        read_header(path)
+
+
+def test_sharded_component(tmp_path):
+    save_file({"x": torch.ones(2)}, str(tmp_path / "model-00001-of-00002.safetensors"))
+    save_file({"y": torch.zeros(3)}, str(tmp_path / "model-00002-of-00002.safetensors"))
+    (tmp_path / "model.safetensors.index.json").write_text(json.dumps(
+        {"weight_map": {"x": "model-00001-of-00002.safetensors", "y": "model-00002-of-00002.safetensors"}}))
+    src = TensorSource.open(tmp_path)
+    assert sorted(src) == ["x", "y"] and torch.equal(src.load("y"), torch.zeros(3))
+
+
+def test_write_tensors_copies_stored_and_casts_floats_only(sample, tmp_path):
+    from lightning_tools.tensors import LazyTensor, write_tensors
+
+    path, tensors = sample
+    src = TensorSource.open(path)
+    view = {"renamed_a": LazyTensor.of(src, "a"), "b": LazyTensor.of(src, "b"),
+            "a_doubled": LazyTensor.of(src, "a").map(lambda t: t * 2)}
+    out = tmp_path / "o.safetensors"
+    write_tensors(out, view, dtype="fp16")
+    got = load_file(str(out))
+    assert got["renamed_a"].dtype == torch.float16 and got["b"].dtype == torch.int64
+    assert torch.equal(got["a_doubled"], (tensors["a"] * 2).half())
