@@ -61,7 +61,9 @@ def main(ctx: click.Context, debug: bool) -> None:
 
 # --- render (render.py) ---
 
-# --- run / publish (recipes.py, publish.py) ---
+# --- run (recipes.py) ---
+
+# --- publish (publish.py) ---
 
 # --- extract (extract.py) ---
 
