@@ -1,0 +1,196 @@
+"""`fetch` against the local hub server (tests/hubserver.py): real huggingface_hub downloads, no network.
+
+The official files' bytes cannot be produced in a test (we only know their hashes), so the official repo id is
+tested for refusal (wrong bytes served under it), and acceptance is tested through a mirror repo, whose expected
+hash is the LFS sha256 the (local) hub lists.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from pathlib import Path
+
+import pytest
+from hubserver import hub_server  # noqa: F401  (fixture)
+
+from lightning_tools import catalog, hub
+
+LORA4 = catalog.find(4, "lora")
+UNET8 = catalog.find(8, "unet")  # its size is unconfirmed, so only its hash decides
+MIRROR = "someone/sdxl-lightning-mirror"
+
+
+def payload(seed: int, size: int = 6000) -> bytes:
+    return hashlib.sha256(str(seed).encode()).digest() * (size // 32)
+
+
+def sha(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()
+
+
+def cache_blobs() -> list[Path]:
+    return [p for p in Path(os.environ["HF_HUB_CACHE"]).rglob("blobs/*") if p.is_file()]
+
+
+def test_mirror_fetch_verifies_and_records_manifest(hub_server, cli, tmp_path):
+    data = payload(1)
+    hub_server.add_file(MIRROR, LORA4.filename, data)
+    dest = tmp_path / "models"
+
+    result = cli("fetch", "--steps", 4, "--kind", "lora", "--repo-id", MIRROR, "--dest", dest, "--json", ok=True)
+
+    [record] = json.loads(result.stdout)
+    assert Path(record["path"]) == dest / LORA4.filename
+    assert (dest / LORA4.filename).read_bytes() == data
+    assert record["sha256"] == sha(data) and record["action"] == "downloaded" and record["official"] is False
+    entry = hub.manifest_entry(dest / LORA4.filename)
+    assert entry == {"repo_id": MIRROR, "revision": hub_server.repos[MIRROR].branches["main"],
+                     "sha256": sha(data), "size": len(data)}
+    assert hub_server.downloads[(MIRROR, LORA4.filename)] == 1
+
+
+def test_second_fetch_to_dest_downloads_nothing(hub_server, cli, tmp_path):
+    hub_server.add_file(MIRROR, LORA4.filename, payload(2))
+    args = ("fetch", "--steps", 4, "--kind", "lora", "--repo-id", MIRROR, "--dest", tmp_path, "--json")
+    cli(*args, ok=True)
+
+    again = json.loads(cli(*args, ok=True).stdout)
+
+    assert again[0]["action"] == "already present"
+    assert hub_server.downloads[(MIRROR, LORA4.filename)] == 1
+
+
+def test_second_fetch_from_cache_downloads_nothing_and_cache_path_has_identity(hub_server, cli):
+    data = payload(3)
+    hub_server.add_file(MIRROR, LORA4.filename, data)
+    args = ("fetch", "--steps", 4, "--kind", "lora", "--repo-id", MIRROR)
+    first = cli(*args, ok=True).stdout.strip()
+    second = cli(*args, ok=True).stdout.strip()
+
+    assert first == second and Path(first).read_bytes() == data
+    assert Path(first).is_relative_to(os.environ["HF_HUB_CACHE"])
+    assert hub_server.downloads[(MIRROR, LORA4.filename)] == 1
+    assert hub.manifest_entry(first)["sha256"] == sha(data)  # the cache's blob name, no manifest file needed
+
+
+def test_official_repo_refuses_bytes_the_hub_lists_with_another_hash(hub_server, cli, tmp_path):
+    """An honest hub listing a different sha256 than the catalogue: refused before any byte is downloaded."""
+    data = payload(4)
+    hub_server.add_file(catalog.REPO_ID, UNET8.filename, data)
+
+    result = cli("fetch", "--steps", 8, "--kind", "unet", "--revision", "main", "--dest", tmp_path, ok=False)
+
+    message = result.stderr.strip()
+    assert len(message.splitlines()) == 1 and "Traceback" not in result.output
+    assert UNET8.filename in message and sha(data) in message and UNET8.sha256 in message
+    assert hub_server.downloads[(catalog.REPO_ID, UNET8.filename)] == 0
+    assert not (tmp_path / UNET8.filename).exists()
+
+
+def test_official_repo_refuses_wrong_bytes_after_download_and_cleans_cache(hub_server, cli, tmp_path):
+    """A hub whose metadata claims the pinned hash but serves other bytes: caught by hashing what arrived."""
+    data = payload(5)
+    hub_server.add_file(catalog.REPO_ID, UNET8.filename, data, sha256=UNET8.sha256)
+    dest = tmp_path / "dest"
+
+    result = cli("fetch", "--steps", 8, "--kind", "unet", "--revision", "main", "--dest", dest, ok=False)
+
+    message = result.stderr.strip()
+    assert len(message.splitlines()) == 1
+    assert UNET8.filename in message and sha(data) in message and UNET8.sha256 in message
+    assert hub_server.downloads[(catalog.REPO_ID, UNET8.filename)] == 1
+    assert not (dest / UNET8.filename).exists() and not list(dest.glob("*"))
+    assert cache_blobs() == []
+
+
+def test_official_lora_with_wrong_size_is_refused_before_download(hub_server, cli):
+    hub_server.add_file(catalog.REPO_ID, LORA4.filename, payload(6), sha256=LORA4.sha256)
+
+    result = cli("fetch", "--steps", 4, "--kind", "lora", "--revision", "main", ok=False)
+
+    assert "393854592" in result.stderr and LORA4.filename in result.stderr
+    assert hub_server.downloads[(catalog.REPO_ID, LORA4.filename)] == 0
+
+
+def test_mirror_serving_other_bytes_than_it_lists_is_refused(hub_server, cli, tmp_path):
+    data = payload(7)
+    listed = sha(b"what the mirror claims")
+    hub_server.add_file(MIRROR, LORA4.filename, data, sha256=listed)
+
+    result = cli("fetch", "--steps", 4, "--kind", "lora", "--repo-id", MIRROR, "--dest", tmp_path, ok=False)
+
+    assert listed in result.stderr and sha(data) in result.stderr
+    assert not (tmp_path / LORA4.filename).exists()
+    assert cache_blobs() == []
+
+
+def test_damaged_cache_entry_is_replaced_by_a_fresh_download(hub_server, cli):
+    data = payload(8)
+    hub_server.add_file(MIRROR, LORA4.filename, data)
+    args = ("fetch", "--steps", 4, "--kind", "lora", "--repo-id", MIRROR)
+    path = Path(cli(*args, ok=True).stdout.strip())
+    blob = Path(os.path.realpath(path))
+    blob.write_bytes(b"\0" * len(data))  # bit rot, or another tool writing into the cache
+
+    again = Path(cli(*args, ok=True).stdout.strip())
+
+    assert again.read_bytes() == data
+    assert hub_server.downloads[(MIRROR, LORA4.filename)] == 2
+
+
+def test_existing_different_file_at_dest_needs_overwrite(hub_server, cli, tmp_path):
+    data = payload(9)
+    hub_server.add_file(MIRROR, LORA4.filename, data)
+    (tmp_path / LORA4.filename).write_bytes(b"someone else's file")
+    args = ("fetch", "--steps", 4, "--kind", "lora", "--repo-id", MIRROR, "--dest", tmp_path)
+
+    refused = cli(*args, ok=False)
+    assert "--overwrite" in refused.stderr
+    assert (tmp_path / LORA4.filename).read_bytes() == b"someone else's file"
+
+    cli(*args, "--overwrite", ok=True)
+    assert (tmp_path / LORA4.filename).read_bytes() == data
+
+
+def test_offline_mode_uses_the_cache_and_explains_a_miss(hub_server, cli, monkeypatch):
+    hub_server.add_file(MIRROR, LORA4.filename, payload(10))
+    hub_server.add_file(MIRROR, "sdxl_lightning_8step_lora.safetensors", payload(11))
+    path = cli("fetch", "--steps", 4, "--kind", "lora", "--repo-id", MIRROR, ok=True).stdout.strip()
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    before = len(hub_server.requests)
+
+    assert cli("fetch", "--steps", 4, "--kind", "lora", "--repo-id", MIRROR, ok=True).stdout.strip() == path
+    missing = cli("fetch", "--steps", 8, "--kind", "lora", "--repo-id", MIRROR, ok=False)
+
+    assert len(hub_server.requests) == before
+    assert "HF_HUB_OFFLINE" in missing.stderr and len(missing.stderr.strip().splitlines()) == 1
+
+
+@pytest.mark.parametrize("args, expected", [
+    (("--repo-id", "nobody/nothing"), "repository not found"),
+    (("--repo-id", MIRROR, "--revision", "v9"), "revision 'v9' not found"),
+    (("--repo-id", MIRROR, "--steps", 2), "no file sdxl_lightning_2step_lora.safetensors"),
+])
+def test_unknown_repo_revision_or_file_is_one_line(hub_server, cli, args, expected):
+    hub_server.add_file(MIRROR, LORA4.filename, payload(12))
+    if "--steps" not in args:
+        args += ("--steps", 4)
+
+    result = cli("fetch", "--kind", "lora", *args, ok=False)
+
+    assert result.exit_code == 1 and expected in result.stderr
+    assert len(result.stderr.strip().splitlines()) == 1 and "Traceback" not in result.output
+
+
+def test_unreachable_hub_is_one_line_and_quick(cli):
+    """conftest points HF_ENDPOINT at a closed port: no retries for minutes, one line saying what happened."""
+    result = cli("fetch", "--steps", 4, "--kind", "lora", ok=False)
+
+    assert "cannot reach" in result.stderr and "not in the hub cache" in result.stderr
+    assert len(result.stderr.strip().splitlines()) == 1
+
+
+def test_fetch_needs_a_selection(cli):
+    assert "--steps" in cli("fetch", ok=False).stderr
