@@ -1,0 +1,140 @@
+"""Benchmark `convert` against `cp` and diffusers on a full-size random-weight SDXL pipeline.
+
+    flock /tmp/lightning-bench.lock python3 bench/convert.py --dir /tmp/bench-convert
+    python3 bench/convert.py --scale tiny --dir /tmp/bench-convert-tiny     # quick check of the bench itself
+
+Builds an fp16 SDXL-base pipeline in diffusers layout (2.6B-parameter UNet, VAE, CLIP-L, OpenCLIP bigG:
+~6.9 GB) tensor by tensor from cheap non-zero patterns, then times, each in its own process under
+/usr/bin/time (wall clock and peak RSS):
+
+    cp -r of the pipeline            vs  ours: diffusers -> comfyui
+    cp of the single file            vs  ours: comfyui -> diffusers  vs  diffusers: from_single_file + save_pretrained
+
+Outputs are deleted after each run; `sync` runs before each so earlier writes do not bill the next command.
+Not a test: run by hand, figures go to the README.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+from lightning_tools.checkpoint import COMPONENTS, WEIGHTS_NAME
+from lightning_tools.sdxl import SDXL_BASE_CONFIGS
+from lightning_tools.sdxl.detect import base_config, expected_shapes
+from lightning_tools.tensors import LazyTensor, write_tensors
+from lightning_tools.tiny import write_tiny_pipeline, write_tiny_tokenizer
+
+_PATTERN = (torch.rand(1 << 20, generator=torch.Generator().manual_seed(0)) * 0.02 - 0.01).half()
+
+
+def _pattern(shape: tuple[int, ...]) -> torch.Tensor:
+    """A non-zero fp16 tensor of `shape`, cheap to make: one random block repeated."""
+    n = 1
+    for s in shape:
+        n *= s
+    reps = -(-n // _PATTERN.numel())
+    return _PATTERN.repeat(reps)[:n].reshape(shape)
+
+
+def build_full_pipeline(folder: Path) -> None:
+    """The SDXL base pipeline with patterned fp16 weights, written tensor by tensor (never a whole model)."""
+    shutil.copyfile(SDXL_BASE_CONFIGS / "model_index.json", folder / "model_index.json")
+    shutil.copytree(SDXL_BASE_CONFIGS / "scheduler", folder / "scheduler")
+    for name, pad in (("tokenizer", "<|endoftext|>"), ("tokenizer_2", "!")):
+        write_tiny_tokenizer(folder / name, pad)  # loading needs tokenizer files; their vocabulary is irrelevant
+    for c in COMPONENTS:
+        config = base_config(c)
+        shapes = expected_shapes(c, config)
+        if c == "text_encoder":  # what transformers >= 5.6 saves for CLIPTextModel
+            shapes = {k.removeprefix("text_model."): s for k, s in shapes.items()}
+        (folder / c).mkdir()
+        tensors = {k: LazyTensor("F16", s, lambda s=s: _pattern(s)) for k, s in shapes.items()}
+        write_tensors(folder / c / WEIGHTS_NAME[c], tensors, {"format": "pt"}, desc=c)
+        (folder / c / "config.json").write_text(json.dumps(config, indent=2))
+
+
+def size_of(path: Path) -> int:
+    return path.stat().st_size if path.is_file() else sum(p.stat().st_size for p in path.rglob("*") if p.is_file())
+
+
+def timed(name: str, command: list[str]) -> dict:
+    """Run `command` under /usr/bin/time -v; wall seconds and peak RSS of the process (and its children)."""
+    subprocess.run(["sync"], check=True)
+    start = time.perf_counter()
+    proc = subprocess.run(["/usr/bin/time", "-v", *command], capture_output=True, text=True)
+    wall = time.perf_counter() - start
+    if proc.returncode != 0:
+        sys.exit(f"{name} failed ({proc.returncode}):\n{proc.stdout[-2000:]}\n{proc.stderr[-4000:]}")
+    rss_kb = next(int(line.split(":")[1]) for line in proc.stderr.splitlines() if "Maximum resident set size" in line)
+    row = {"name": name, "wall_s": round(wall, 2), "peak_rss_mb": round(rss_kb / 1024)}
+    print(f"{name:<48} {row['wall_s']:>8.2f} s {row['peak_rss_mb']:>7} MB", flush=True)
+    return row
+
+
+DIFFUSERS_SAVE = """
+import sys, torch
+from diffusers import StableDiffusionXLPipeline
+pipe = StableDiffusionXLPipeline.from_single_file(sys.argv[1], config=sys.argv[2], torch_dtype=torch.float16,
+                                                  local_files_only=True)
+pipe.save_pretrained(sys.argv[3])
+"""
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--dir", type=Path, default=Path("/tmp/bench-convert"))
+    parser.add_argument("--scale", choices=("full", "tiny"), default="full",
+                        help="full: SDXL-size random weights (~6.9 GB); tiny: the test model, to check the bench")
+    parser.add_argument("--keep", action="store_true", help="Keep the generated pipeline and single file.")
+    args = parser.parse_args()
+    work: Path = args.dir
+    if work.exists():
+        shutil.rmtree(work)
+    work.mkdir(parents=True)
+    tool = [sys.executable, "-m", "lightning_tools"]
+    pipe, comfy = work / "pipeline", work / "sdxl.safetensors"
+    rows = []
+    try:
+        start = time.perf_counter()
+        if args.scale == "full":
+            pipe.mkdir()
+            build_full_pipeline(pipe)
+        else:
+            write_tiny_pipeline(pipe, torch_dtype=torch.float16)
+        print(f"built {pipe} ({size_of(pipe) / 1e9:.2f} GB) in {time.perf_counter() - start:.0f} s", flush=True)
+
+        rows.append(timed("cp -r pipeline", ["cp", "-r", str(pipe), str(work / "pipeline-copy")]))
+        shutil.rmtree(work / "pipeline-copy")
+        rows.append(timed("ours: diffusers -> comfyui", [*tool, "convert", str(pipe), "--to", "comfyui",
+                                                         "--out", str(comfy)]))
+        print(f"  single file: {size_of(comfy) / 1e9:.2f} GB", flush=True)
+        rows.append(timed("cp single file", ["cp", str(comfy), str(work / "copy.safetensors")]))
+        (work / "copy.safetensors").unlink()
+        rows.append(timed("ours: comfyui -> diffusers", [*tool, "convert", str(comfy), "--to", "diffusers",
+                                                         "--out", str(work / "ours"), "--config", str(pipe)]))
+        shutil.rmtree(work / "ours")
+        rows.append(timed("diffusers: from_single_file + save_pretrained",
+                          [sys.executable, "-c", DIFFUSERS_SAVE, str(comfy), str(pipe), str(work / "theirs")]))
+        shutil.rmtree(work / "theirs")
+    finally:
+        if not args.keep:
+            shutil.rmtree(work, ignore_errors=True)
+    by = {r["name"]: r for r in rows}
+    to_comfy, to_diff = by["ours: diffusers -> comfyui"], by["ours: comfyui -> diffusers"]
+    print(f"diffusers -> comfyui: {to_comfy['wall_s'] / by['cp -r pipeline']['wall_s']:.2f}x cp")
+    print(f"comfyui -> diffusers: {to_diff['wall_s'] / by['cp single file']['wall_s']:.2f}x cp, "
+          f"{by['diffusers: from_single_file + save_pretrained']['wall_s'] / to_diff['wall_s']:.2f}x faster "
+          "than diffusers")
+    print(json.dumps(rows))
+
+
+if __name__ == "__main__":
+    main()
