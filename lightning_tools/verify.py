@@ -1,0 +1,283 @@
+"""Is this checkpoint intact, and is it the file it claims to be?
+
+Checks run cheapest first and stop at the first layer that fails: the safetensors structure (header alone:
+catches truncated and padded files without reading the data), the size against a known reference, the sha256
+(only when there is a reference to compare with: the catalogue, the fetch manifest beside the file, or the
+file's own `modelspec.hash_sha256`), architecture sanity, and with `deep` a NaN/Inf scan tensor by tensor.
+A diffusers folder is verified component by component.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+
+from lightning_tools import catalog, hub, lora
+from lightning_tools import metadata as meta
+from lightning_tools.errors import UserError
+from lightning_tools.progress import bar
+from lightning_tools.sdxl import detect
+from lightning_tools.tensors import HASH_KEY, SafetensorsFile, TensorSource, hash_file, weight_files
+
+_HEX64 = re.compile(r"[0-9a-f]{64}")
+_SCAN_CHUNK = 1 << 24  # elements per NaN/Inf test: bounds the temporary mask and any float8 upcast
+
+
+@dataclass
+class FileReport:
+    """The verdict on one file, or on one component of a diffusers folder (which may span shards)."""
+
+    path: str
+    component: str | None = None
+    files: list[str] = field(default_factory=list)
+    size: int = 0
+    checks: list[str] = field(default_factory=list)
+    problems: list[str] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)
+    identity: list[dict] = field(default_factory=list)
+    sha256: str | None = None
+
+    @property
+    def ok(self) -> bool:
+        return not self.problems
+
+    def as_dict(self) -> dict:
+        return asdict(self) | {"ok": self.ok}
+
+
+def verify_paths(paths: Iterable[Path | str], deep: bool = False,
+                 config_dir: Path | str | None = None) -> list[FileReport]:
+    """One report per file or diffusers component under `paths`; bad input becomes a failed report.
+
+    Single files are checked against the SDXL-base shapes, or against `config_dir`'s configs when given.
+    """
+    configs = load_configs(config_dir)
+    reports: list[FileReport] = []
+    for path in map(Path, paths):
+        try:
+            units = _units(path)
+        except UserError as e:
+            reports.append(FileReport(str(path), problems=[_reason(e, path)]))
+            continue
+        reports += [_verify_unit(unit, component, deep, configs) for component, unit in units]
+    return reports
+
+
+def _units(path: Path) -> list[tuple[str | None, Path]]:
+    """What to verify under `path`: (diffusers component name or None, file or component folder)."""
+    if not path.exists():
+        raise UserError(f"{path}: no such file or folder")
+    if path.name.endswith(".index.json"):  # a sharded model: verify the folder its shards are in
+        return _units(path.parent)
+    if path.is_file():
+        return [(None, path)]
+    index = path / "model_index.json"
+    if index.is_file():
+        try:
+            names = [k for k, v in json.loads(index.read_text()).items() if isinstance(v, list) and v[0]]
+        except (json.JSONDecodeError, AttributeError):
+            raise UserError(f"{index}: not valid JSON; the diffusers folder is damaged") from None
+        # Model components carry config.json; tokenizers and schedulers have no weights to verify.
+        components = [n for n in names if (path / n / "config.json").is_file()]
+        return [(n, path / n) for n in components]
+    if (path / "config.json").is_file():  # one component folder: its name says which, if it is a standard one
+        return [(path.name if path.name in detect.COMPONENTS else None, path)]
+    files = sorted(path.glob("*.safetensors"))
+    if not files:
+        raise UserError(f"{path}: a folder with no .safetensors files; give a .safetensors file or a diffusers folder")
+    return [(None, f) for f in files]
+
+
+def _verify_unit(path: Path, component: str | None, deep: bool, configs: Mapping[str, dict]) -> FileReport:
+    report = FileReport(str(path), component)
+    report.checks.append("structure")
+    try:
+        files = weight_files(path)  # a component folder's shards (or its only file); a file is itself
+    except UserError as e:
+        report.problems.append(_reason(e, path))
+        return report
+    report.files = [str(f) for f in files]
+    opened: list[SafetensorsFile] = []
+    for f in files:
+        try:
+            opened.append(SafetensorsFile(f))
+        except UserError as e:
+            report.problems.append(_reason(e, path))
+    if report.problems:
+        return report
+    report.size = sum(f.path.stat().st_size for f in opened)
+    try:
+        for f in opened:
+            _check_identity(f, report)
+        if report.problems:
+            return report
+        _check_architecture(path, component, TensorSource(opened), report, configs)
+        if deep:
+            _scan_finite(opened, report)
+    except UserError as e:  # e.g. an unreadable config.json or manifest: this unit fails, the others go on
+        report.problems.append(_reason(e, path))
+    return report
+
+
+def _reason(e: Exception, path: Path) -> str:
+    """The error's message without a leading "<path>: " (the report already names the path)."""
+    text = str(e)
+    return text[len(f"{path}: "):] if text.startswith(f"{path}: ") else text
+
+
+def _check_identity(f: SafetensorsFile, report: FileReport) -> None:
+    """Compare size, then sha256, against every reference the file has; hash only when one exists."""
+    size = f.path.stat().st_size
+    name = "" if len(report.files) == 1 else f"{f.path.name}: "  # shards of one component: say which
+    whole: list[tuple[str, str]] = []  # (what the reference is, sha256 of the whole file)
+    # A file we wrote (say the all-in-one built from the UNet release) may carry an official name; its own
+    # metadata says what it is, so its name is not a claim to be the official download.
+    entry = catalog.by_filename(f.path.name) if meta.TOOL not in f.metadata else None
+    if entry is not None:
+        what = f"catalogue: {catalog.REPO_ID}/{entry.filename}"
+        if entry.size_confirmed and size != entry.size:
+            report.problems.append(f"{name}{size} bytes but {what} has {entry.size}")
+        whole.append((what, entry.sha256))
+    recorded = hub.manifest_entry(f.path)
+    if recorded is not None:
+        what = f"manifest: {recorded.get('repo_id')}@{str(recorded.get('revision'))[:12]}"
+        if recorded.get("size") is not None and size != recorded["size"]:
+            report.problems.append(f"{name}{size} bytes but {what} recorded {recorded['size']}")
+        whole.append((what, recorded["sha256"]))
+    spec = f.metadata.get(HASH_KEY, "").lower().removeprefix("0x")
+    if report.problems:
+        return  # a size mismatch already proves the bytes differ: no need to hash
+    if whole:
+        digest = _hash(f.path, 0, size)
+        report.sha256 = digest if len(report.files) == 1 else None
+        references = whole
+        official = catalog.by_sha256(digest)
+        if official is not None and entry is None:
+            report.identity.append({"reference": f"catalogue: {catalog.REPO_ID}/{official.filename}",
+                                    "sha256": digest})
+    elif _HEX64.fullmatch(spec):
+        digest = _hash(f.path, f.data_start, size - f.data_start)
+        references = [(f"{HASH_KEY} in the header", spec)]
+    else:
+        report.notes.append(f"{name}no reference hash (not in the catalogue, no fetch manifest, no modelspec hash)")
+        return
+    report.checks.append("sha256")
+    for what, expected in references:
+        if digest == expected.lower():
+            report.identity.append({"reference": what, "sha256": digest})
+        else:
+            report.problems.append(f"{name}sha256 {digest} differs from {what} ({expected}): the data is damaged "
+                                   "or not that file; fetch it again")
+
+
+def _hash(path: Path, start: int, nbytes: int) -> str:
+    with bar(nbytes, desc=f"sha256 {path.name}") as progress:
+        return hash_file(path, start, progress)
+
+
+def _check_architecture(path: Path, component: str | None, source: TensorSource, report: FileReport,
+                        configs: Mapping[str, dict]) -> None:
+    """Keys and shapes an SDXL model needs (against the folder's own config where it has one, else `configs`,
+    else SDXL base); for LoRAs, every module must name an SDXL module. Other architectures are noted, not failed,
+    unless the file claims to be SDXL."""
+    if component is None and lora.detect_lora_format(source) is not None:
+        report.checks.append("architecture")
+        try:
+            unknown = lora_modules_not_in_sdxl(lora.read_lora(path))
+        except UserError as e:
+            report.problems.append(_reason(e, path))
+            return
+        if unknown:
+            report.problems.append(f"{len(unknown)} LoRA modules name nothing in SDXL (e.g. {unknown[0]}); "
+                                   "is this an SDXL LoRA?")
+        return
+    own = path / "config.json"
+    if own.is_file():
+        configs = dict(configs) | {component or "unet": _read_config(own)}
+    if component is None:
+        found = detect.detect(path)
+        if found.architecture != "sdxl-base":
+            claim = _claims_sdxl(path, source)
+            (report.problems if claim else report.notes).append(
+                f"SDXL architecture not checked: this is {found.description}"
+                + (f", yet {claim} says SDXL" if claim else ""))
+            return
+    report.checks.append("architecture")
+    report.problems += detect.check_architecture(source, component, configs)
+
+
+def _claims_sdxl(path: Path, source: TensorSource) -> str | None:
+    """What says this file is SDXL: its catalogue name or its ModelSpec architecture."""
+    if catalog.by_filename(path.name) is not None:
+        return "its catalogue file name"
+    if source.metadata.get("modelspec.architecture", "").startswith(meta.ARCH_BASE):
+        return "its modelspec.architecture"
+    return None
+
+
+def load_configs(config_dir: Path | str | None) -> dict[str, dict]:
+    """The component configs of a diffusers pipeline folder (for checking single files of a non-standard size)."""
+    if config_dir is None:
+        return {}
+    config_dir = Path(config_dir)
+    found = {c: config_dir / c / "config.json" for c in detect.COMPONENTS}
+    if not any(p.is_file() for p in found.values()):
+        raise UserError(f"{config_dir}: no <component>/config.json here; --config takes a diffusers pipeline folder")
+    return {c: _read_config(p) for c, p in found.items() if p.is_file()}
+
+
+def _read_config(path: Path) -> dict:
+    try:
+        return json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError, UnicodeDecodeError):
+        raise UserError(f"{path}: not a readable JSON config") from None
+
+
+def lora_modules_not_in_sdxl(lora_file: lora.LoraFile) -> list[str]:
+    """The LoRA's module names (as the file spells them) that adapt no module of the SDXL base."""
+    names, _ = lora.sdxl_module_names()
+    return lora_file.unresolved + [m.name for m in lora_file.modules if m.module not in names.get(m.component, ())]
+
+
+def _scan_finite(files: Sequence[SafetensorsFile], report: FileReport) -> None:
+    """Count NaN/Inf values tensor by tensor: memory stays at one tensor however large the model."""
+    report.checks.append("finite")
+    bad: list[str] = []
+    total = sum(info.nbytes for f in files for info in f.values() if info.is_float)
+    with bar(total, desc="NaN/Inf scan") as progress:
+        for f in files:
+            for key, info in f.items():
+                if not info.is_float:
+                    continue
+                count = count_nonfinite(f.load(key))
+                if count:
+                    bad.append(f"{key} ({count} of {info.numel})")
+                progress.update(info.nbytes)
+    if bad:
+        more = f" and {len(bad) - 5} more tensors" if len(bad) > 5 else ""
+        report.problems.append(f"NaN/Inf values in {', '.join(bad[:5])}{more}")
+
+
+def count_nonfinite(t: torch.Tensor) -> int:
+    """Number of NaN/Inf entries; float8 is upcast chunk by chunk (torch has no isfinite for it)."""
+    flat = t.reshape(-1)
+    count = 0
+    for chunk in flat.split(_SCAN_CHUNK):
+        if chunk.element_size() == 1:
+            chunk = chunk.to(torch.float16)
+        count += int((~torch.isfinite(chunk)).sum())
+    return count
+
+
+def describe(report: FileReport) -> str:
+    """A few lines for people: verdict, path, what was checked or what is wrong."""
+    name = report.path + (f"  ({report.component})" if report.component else "")
+    if not report.ok:
+        return "\n".join([f"FAIL  {name}"] + [f"      - {p}" for p in report.problems])
+    said = [f"sha256 matches {i['reference']}" for i in report.identity] + report.notes
+    return f"OK    {name}  [{', '.join(report.checks)}]" + "".join(f"\n      {s}" for s in said)

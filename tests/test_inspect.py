@@ -1,0 +1,157 @@
+import json
+import shutil
+import struct
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+from lightning_tools import catalog, lora
+from lightning_tools import metadata as meta
+from lightning_tools.checkpoint import open_checkpoint, write_checkpoint
+from lightning_tools.inspect import describe, inspect_path
+from lightning_tools.sdxl.keys import unet_module_map
+from lightning_tools.tiny import tiny_unet_config
+
+
+@pytest.fixture(scope="module")
+def files(tiny_pipeline, tiny_lora, tmp_path_factory):
+    """Every format inspect must tell apart, made from the tiny fixtures with the project's own writers."""
+    out = tmp_path_factory.mktemp("formats")
+    ckpt = open_checkpoint(tiny_pipeline)
+    write_checkpoint(ckpt, out / "all-in-one.safetensors", to="comfyui")
+    write_checkpoint(ckpt, out / "unet-single.safetensors", to="comfyui-unet")
+    lightning = lora.read_lora(tiny_lora)
+    lora.write_lora(lightning.modules, out / "peft.safetensors", format="peft")
+    single_names = {"lora_unet_" + d.replace(".", "_"): "lora_unet_" + s.replace(".", "_")
+                    for d, s in unet_module_map(tiny_unet_config()).items()}
+    renamed = {}
+    for key, t in load_file(str(tiny_lora)).items():
+        stem, _, part = key.partition(".")
+        renamed[f"{single_names[stem]}.{part}"] = t
+    save_file(renamed, str(out / "kohya-single.safetensors"))
+    return {"diffusers": tiny_pipeline, "single-file": out / "all-in-one.safetensors",
+            "unet-diffusers": tiny_pipeline / "unet" / "diffusion_pytorch_model.safetensors",
+            "unet-diffusers folder": tiny_pipeline / "unet", "unet-single-file": out / "unet-single.safetensors",
+            "kohya-diffusers": tiny_lora, "kohya-single-file": out / "kohya-single.safetensors",
+            "peft": out / "peft.safetensors"}
+
+
+@pytest.mark.parametrize("name", ["diffusers", "single-file", "unet-diffusers", "unet-diffusers folder",
+                                  "unet-single-file", "kohya-diffusers", "kohya-single-file", "peft"])
+def test_each_format_is_identified(files, name):
+    info = inspect_path(files[name])
+    assert info["format"] == name.split()[0]
+    assert info["architecture"] == "sdxl-base" and info["supported"]
+    expected = {"diffusers": ["unet", "vae", "text_encoder", "text_encoder_2"],
+                "single-file": ["unet", "vae", "text_encoder", "text_encoder_2"]}.get(name, ["unet"])
+    assert info["components"] == expected
+    assert info["parameters"] > 0 and info["tensors"] > 0
+    text = describe(info)
+    assert info["format_description"] in text and "SDXL" in text
+
+
+def test_components_add_up_and_match_the_weights(files, tiny_pipeline):
+    info = inspect_path(files["diffusers"])
+    unet = load_file(str(tiny_pipeline / "unet" / "diffusion_pytorch_model.safetensors"))
+    assert info["per_component"]["unet"]["parameters"] == sum(t.numel() for t in unet.values())
+    assert info["parameters"] == sum(p["parameters"] for p in info["per_component"].values())
+    assert info["dtypes"] == {"F32": info["tensors"]}
+
+
+def test_lora_modules_ranks_and_alphas(files):
+    for name in ("kohya-diffusers", "kohya-single-file", "peft"):
+        summary = inspect_path(files[name])["lora"]
+        assert summary["modules"] == 788 and summary["modules_per_component"] == {"unet": 788}
+        assert summary["ranks"] == [4] and summary["alphas"] == [4.0] and summary["text_encoders"] == []
+
+
+def test_lora_text_encoder_coverage_and_mixed_ranks(tmp_path):
+    path = tmp_path / "te.safetensors"
+    save_file({"lora_te1_text_model_encoder_layers_0_self_attn_q_proj.lora_down.weight": torch.zeros(8, 768),
+               "lora_te1_text_model_encoder_layers_0_self_attn_q_proj.lora_up.weight": torch.zeros(768, 8),
+               "lora_te1_text_model_encoder_layers_0_self_attn_q_proj.alpha": torch.tensor(4.0),
+               "lora_unet_down_blocks_1_attentions_0_proj_in.lora_down.weight": torch.zeros(16, 640),
+               "lora_unet_down_blocks_1_attentions_0_proj_in.lora_up.weight": torch.zeros(640, 16)}, str(path))
+    info = inspect_path(path)
+    assert info["lora"]["text_encoders"] == ["text_encoder"] and info["lora"]["ranks"] == [8, 16]
+    assert info["lora"]["alphas"] == [4.0] and info["lora"]["alpha_missing"] == 1
+    assert "text encoders: text_encoder" in describe(info)
+
+
+def test_sd15_file_is_named_and_not_supported(tmp_path):
+    path = tmp_path / "sd15.safetensors"
+    unet = "model.diffusion_model."
+    save_file({unet + "input_blocks.0.0.weight": torch.zeros(320, 4, 3, 3),
+               unet + "input_blocks.1.1.proj_in.weight": torch.zeros(320, 320, 1, 1),
+               unet + "input_blocks.1.1.transformer_blocks.0.attn2.to_k.weight": torch.zeros(320, 768),
+               unet + "input_blocks.3.0.op.bias": torch.zeros(320),
+               unet + "input_blocks.6.0.op.bias": torch.zeros(640),
+               unet + "input_blocks.9.0.op.bias": torch.zeros(1280),
+               "cond_stage_model.transformer.text_model.final_layer_norm.weight": torch.zeros(768)}, str(path))
+    info = inspect_path(path)
+    assert info["architecture"] == "sd1" and not info["supported"]
+    text = describe(info)
+    assert "Stable Diffusion 1.x" in text and "not supported" in text
+
+
+def test_catalogue_name_gives_identity_hint_and_settings(files, tmp_path, cli):
+    path = tmp_path / "sdxl_lightning_1step_unet_x0.safetensors"
+    shutil.copy(files["unet-diffusers"], path)
+    info = inspect_path(path)
+    assert info["identity"]["file"] == path.name and info["identity"]["matched_by"].startswith("name only")
+    assert info["settings"]["steps"] == 1 and info["settings"]["prediction_type"] == "sample"
+    hashed = json.loads(cli("inspect", path, "--hash", "--json", ok=True).stdout)
+    assert "sha256 differs" in hashed["identity"]["matched_by"] and len(hashed["sha256"]) == 64
+    assert hashed["settings"]["prediction_type"] == "sample"
+
+
+def test_our_metadata_is_shown_readably(files, tmp_path, cli):
+    path = tmp_path / "merged_lora.safetensors"
+    source = meta.Source("lora", "sdxl_lightning_4step_lora.safetensors", "ab" * 32, strength=0.8)
+    settings = catalog.recommended_settings(4)
+    metadata = meta.modelspec("merged", lora=True) | meta.provenance("merge", [source], steps=4,
+                                                                      settings=settings.as_dict())
+    lora.write_lora(lora.read_lora(files["kohya-diffusers"]).modules, path, metadata=metadata)
+    info = json.loads(cli("inspect", path, "--json", ok=True).stdout)
+    assert info["settings"]["from"] == "metadata" and info["settings"]["steps"] == 4
+    assert info["provenance"][meta.SOURCES][0]["strength"] == 0.8
+    assert info["metadata"]["modelspec.title"] == "merged"
+    text = cli("inspect", path, ok=True).stdout
+    assert "source: lora sdxl_lightning_4step_lora.safetensors sha256 abababab" in text
+    assert "strength 0.8" in text and "modelspec.title: merged" in text
+
+
+def _truncated(tmp_path, files):
+    path = tmp_path / "truncated.safetensors"
+    path.write_bytes(files["kohya-diffusers"].read_bytes()[:-100])
+    return path
+
+
+def _not_safetensors(tmp_path, files):
+    path = tmp_path / "picture.safetensors"
+    path.write_bytes(b"\x89PNG\r\n\x1a\n" + bytes(100))
+    return path
+
+
+def _header_larger_than_file(tmp_path, files):
+    path = tmp_path / "big-header.safetensors"
+    path.write_bytes(struct.pack("<Q", 1 << 20) + b"{}")
+    return path
+
+
+def _folder(tmp_path, files):
+    return files["diffusers"] / "tokenizer"
+
+
+@pytest.mark.parametrize("make, reason", [
+    (lambda tmp, files: tmp / "missing.safetensors", "no such file"),
+    (_folder, "neither a diffusers pipeline"),
+    (_not_safetensors, "header claims"),
+    (_truncated, "truncated"),
+    (_header_larger_than_file, "header claims 1048576 bytes"),
+])
+def test_bad_input_is_one_line_error(tmp_path, files, cli, make, reason):
+    result = cli("inspect", make(tmp_path, files), ok=False)
+    assert result.stderr.startswith("error: ") and result.stderr.count("\n") == 1 and reason in result.stderr
+    assert isinstance(result.exception, SystemExit)
