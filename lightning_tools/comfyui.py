@@ -1,0 +1,110 @@
+"""The ComfyUI equivalent of a render: KSampler settings and a minimal API-format workflow for the model.
+
+ComfyUI samples SDXL with eps prediction unless told otherwise; the 1-step x0 model needs a
+`ModelSamplingDiscrete` node with sampling "x0" (the node the official 1-step workflow uses). Diffusers'
+`guidance_scale=0` (no CFG) is ComfyUI's cfg 1.0.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+from lightning_tools.catalog import Settings
+from lightning_tools.render import Model, Plan
+from lightning_tools.tensors import atomic_output
+
+
+def sampler_settings(settings: Settings) -> dict[str, Any]:
+    """KSampler inputs, plus the ModelSamplingDiscrete sampling a model needs (None: ComfyUI's default eps)."""
+    return {
+        "sampler_name": settings.comfy_sampler,
+        "scheduler": settings.comfy_scheduler,
+        "steps": settings.steps,
+        "cfg": settings.comfy_cfg if settings.guidance_scale <= 1 else settings.guidance_scale,
+        "denoise": 1.0,
+        "model_sampling": "x0" if settings.prediction_type == "sample" else None,
+    }
+
+
+def file_names(model: Model) -> tuple[dict[str, str], list[str]]:
+    """The names the workflow's loaders use (files in ComfyUI's models/ folders), and notes on what to do first."""
+    notes = []
+    if model.kind == "diffusers":
+        notes.append(f"{model.path}: ComfyUI loads single files; convert this diffusers folder to one first "
+                     "(lightning-tools convert) and put it in models/checkpoints")
+        return {"checkpoint": model.path.name + ".safetensors"}, notes
+    if model.kind == "single-file":
+        return {"checkpoint": model.path.name}, notes
+    base, base_notes = file_names(model.base)
+    notes += base_notes
+    role = "unet" if model.kind == "unet" else "lora"
+    folder = "models/unet (or models/diffusion_models)" if role == "unet" else "models/loras"
+    notes.append(f"put {model.path.name} in ComfyUI's {folder} and {base['checkpoint']} in models/checkpoints")
+    return {"checkpoint": base["checkpoint"], role: model.path.name}, notes
+
+
+def workflow(model: Model, settings: Settings, prompt: str, seed: int = 0, width: int = 1024,
+             height: int = 1024) -> dict[str, dict]:
+    """A minimal ComfyUI API-format workflow (node id -> class_type and inputs; links are [node id, output])."""
+    names, _ = file_names(model)
+    sampler = sampler_settings(settings)
+    nodes: dict[str, dict] = {}
+
+    def add(class_type: str, **inputs: Any) -> str:
+        node_id = str(len(nodes) + 1)
+        nodes[node_id] = {"class_type": class_type, "inputs": inputs}
+        return node_id
+
+    loader = add("CheckpointLoaderSimple", ckpt_name=names["checkpoint"])
+    unet, clip, vae = [loader, 0], [loader, 1], [loader, 2]
+    if "unet" in names:
+        unet = [add("UNETLoader", unet_name=names["unet"], weight_dtype="default"), 0]
+    if "lora" in names:
+        lora = add("LoraLoader", model=unet, clip=clip, lora_name=names["lora"], strength_model=1.0,
+                   strength_clip=1.0)
+        unet, clip = [lora, 0], [lora, 1]
+    if sampler["model_sampling"]:
+        unet = [add("ModelSamplingDiscrete", model=unet, sampling=sampler["model_sampling"], zsnr=False), 0]
+    positive = add("CLIPTextEncode", text=prompt, clip=clip)
+    negative = add("CLIPTextEncode", text="", clip=clip)  # required input; ignored at cfg 1
+    latent = add("EmptyLatentImage", width=width, height=height, batch_size=1)
+    samples = add("KSampler", seed=seed, steps=sampler["steps"], cfg=sampler["cfg"],
+                  sampler_name=sampler["sampler_name"], scheduler=sampler["scheduler"], denoise=sampler["denoise"],
+                  model=unet, positive=[positive, 0], negative=[negative, 0], latent_image=[latent, 0])
+    image = add("VAEDecode", samples=[samples, 0], vae=vae)
+    add("SaveImage", images=[image, 0], filename_prefix=f"lightning-{model.path.stem}")
+    return nodes
+
+
+def export(plan: Plan, prompt: str, seed: int = 0, width: int = 1024, height: int = 1024,
+           workflow_path: Path | None = None, overwrite: bool = False) -> dict:
+    """The ComfyUI settings for `plan` as data, and the workflow written to `workflow_path` when given."""
+    result = {"model": plan.model.identity(), "settings": plan.settings.as_dict(),
+              "comfyui": sampler_settings(plan.settings), "warnings": list(plan.warnings)}
+    if workflow_path is not None:
+        flow = workflow(plan.model, plan.settings, prompt, seed, width, height)
+        with atomic_output(workflow_path, overwrite) as tmp:
+            tmp.write_text(json.dumps(flow, indent=2) + "\n")
+        result["workflow"] = str(workflow_path)
+    return result
+
+
+def describe(model: Model, settings: Settings) -> str:
+    """What to set in ComfyUI, for people."""
+    sampler = sampler_settings(settings)
+    names, notes = file_names(model)
+    lines = [f"ComfyUI equivalent of rendering {model.path.name}:",
+             f"  KSampler: sampler {sampler['sampler_name']}, scheduler {sampler['scheduler']}, "
+             f"steps {sampler['steps']}, cfg {sampler['cfg']:g}, denoise 1.0",
+             f"  Load Checkpoint: {names['checkpoint']}"]
+    if "unet" in names:
+        lines.append(f"  Load Diffusion Model (UNETLoader): {names['unet']} -> KSampler model")
+    if "lora" in names:
+        lines.append(f"  LoraLoader: {names['lora']}, strength 1.0")
+    if sampler["model_sampling"]:
+        lines.append(f"  ModelSamplingDiscrete: sampling {sampler['model_sampling']}, zsnr off (the model predicts "
+                     "the clean image; without it ComfyUI treats the output as noise)")
+    lines += [f"  note: {n}" for n in notes]
+    return "\n".join(lines)
