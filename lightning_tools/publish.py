@@ -1,0 +1,376 @@
+"""Publish a checkpoint to the hub: verify it, write its model card, upload everything in one commit, check it.
+
+The card is built from what the files say about themselves (our provenance metadata: sources, hashes,
+strengths, steps), so it states what was merged and how to sample it without the user writing anything.
+Planning reads only local files; the network is touched by `upload` alone, which is why `--dry-run` can show the
+whole commit offline.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from lightning_tools import catalog, hub, progress
+from lightning_tools import metadata as meta
+from lightning_tools.catalog import Settings
+from lightning_tools.errors import UserError
+from lightning_tools.tensors import HASH_KEY, TensorSource, atomic_output, hash_file
+
+LICENSE = "openrail++"  # SDXL-Lightning's license, which its derivatives inherit
+LIGHTNING_REPO = catalog.REPO_ID
+SDXL_BASE_REPO = "stabilityai/stable-diffusion-xl-base-1.0"
+CONTACT_SHEET = "contact_sheet.png"
+_SHEET_IN_REPO = f"validation/{CONTACT_SHEET}"
+_SKIPPED = {"README.md", hub.MANIFEST_NAME}  # replaced by the generated card / local bookkeeping
+
+
+@dataclass(frozen=True)
+class Upload:
+    """One file of the commit; `local` is None for generated content (the card)."""
+
+    path_in_repo: str
+    local: Path | None
+    size: int
+    sha256: str
+
+
+@dataclass
+class PublishPlan:
+    src: Path
+    repo_id: str
+    revision: str
+    private: bool
+    layout: str
+    settings: Settings
+    settings_source: str
+    card: str
+    uploads: list[Upload]
+    notes: list[str] = field(default_factory=list)
+
+    def as_dict(self) -> dict:
+        return {"src": str(self.src), "repo_id": self.repo_id, "revision": self.revision, "private": self.private,
+                "layout": self.layout, "settings": self.settings.as_dict(), "settings_source": self.settings_source,
+                "uploads": [{"path_in_repo": u.path_in_repo, "local": str(u.local) if u.local else None,
+                             "size": u.size, "sha256": u.sha256} for u in self.uploads],
+                "notes": self.notes}
+
+
+# --- planning (local files only) -----------------------------------------------------------------------------
+
+def plan_publish(src: Path | str, repo_id: str, revision: str = "main", private: bool = False,
+                 validation: Path | str | None = None, steps: int | None = None,
+                 base_models: tuple[str, ...] = ()) -> PublishPlan:
+    """Verify `src`, work out its sampler settings and provenance, and build the card and the file list."""
+    from lightning_tools.sdxl.detect import detect
+    from lightning_tools.verify import verify_paths
+
+    src = Path(src)
+    reports = verify_paths([src])
+    bad = [r for r in reports if not r.ok]
+    if bad:
+        raise UserError(f"{src}: verification failed, nothing uploaded: "
+                        + "; ".join(f"{r.component or Path(r.path).name}: {r.problems[0]}" for r in bad)
+                        + f"; run `lightning-tools verify {src}` for details")
+    found = detect(src)
+    if found.layout == "unknown" or (found.layout != "lora" and found.architecture != "sdxl-base"):
+        raise UserError(f"{src}: {found.description} ({found.layout}); publish handles SDXL checkpoints, UNets "
+                        "and LoRAs")
+    files = _files(src)
+    known = {Path(r.files[0]): r.sha256 for r in reports if r.sha256 and len(r.files) == 1}  # hashed already
+    uploads = [Upload(name, path, path.stat().st_size, known.get(path) or _hash(path)) for name, path in files]
+
+    metadata = dict(TensorSource.open(src / "unet" if found.layout == "diffusers" else src).metadata)
+    notes: list[str] = []
+    settings, how = _settings(src, metadata, uploads[0].sha256 if src.is_file() else None, steps, notes)
+    sheet, summary = _validation(Path(validation), metadata) if validation is not None else (None, None)
+    if sheet is not None:
+        uploads.append(Upload(_SHEET_IN_REPO, sheet, sheet.stat().st_size, _hash(sheet)))
+    if src.is_dir() and (src / "README.md").is_file():
+        notes.append(f"{src / 'README.md'} is not uploaded: the generated model card replaces it")
+
+    card = render_card(repo_id=repo_id, revision=revision, layout=found.layout, metadata=metadata,
+                       settings=settings, settings_source=how, uploads=uploads, base_models=base_models,
+                       validation=summary)
+    card_bytes = card.encode()
+    uploads.insert(0, Upload("README.md", None, len(card_bytes), hashlib.sha256(card_bytes).hexdigest()))
+    return PublishPlan(src, repo_id, revision, private, found.layout, settings, how, card, uploads, notes)
+
+
+def _files(src: Path) -> list[tuple[str, Path]]:
+    """(path in the repo, local path) for everything to upload, hidden files and our bookkeeping left out."""
+    if src.is_file():
+        return [(src.name, src)]
+    out = []
+    for path in sorted(src.rglob("*")):
+        relative = path.relative_to(src)
+        if path.is_file() and not any(part.startswith(".") for part in relative.parts) \
+                and str(relative) not in _SKIPPED:
+            out.append((relative.as_posix(), path))
+    return out
+
+
+def _hash(path: Path) -> str:
+    with progress.bar(path.stat().st_size, desc=f"sha256 {path.name}") as shown:
+        return hash_file(path, progress=shown)
+
+
+def _settings(src: Path, metadata: dict[str, str], sha256: str | None, steps: int | None,
+              notes: list[str]) -> tuple[Settings, str]:
+    """The model's own settings (metadata, catalogue, name); `steps` given by the user wins."""
+    found = catalog.settings_for(src, metadata, sha256)
+    if steps is not None:
+        prediction = found[0].prediction_type if found else "epsilon"
+        if found and found[0].steps != steps:
+            notes.append(f"--steps {steps} overrides {found[0].steps} steps from the {found[1]}")
+        return catalog.recommended_settings(steps, prediction), "--steps"
+    if found is None:
+        raise UserError(f"{src}: cannot tell how many steps this model is for (no lightning metadata, not an "
+                        "official file, no _Nstep in the name); pass --steps N")
+    return found
+
+
+@dataclass(frozen=True)
+class ValidationSummary:
+    prompts: list[str]
+    seeds: list[int]
+    passed: bool | None
+    device: str | None
+    steps: int | None
+
+
+def _validation(folder: Path, metadata: dict[str, str]) -> tuple[Path, ValidationSummary]:
+    """The contact sheet of a `lightning-tools render` output folder, and what its report.json says."""
+    sheet = folder / CONTACT_SHEET
+    if not sheet.is_file():
+        raise UserError(f"{folder}: no {CONTACT_SHEET}; pass the output folder of `lightning-tools render`")
+    report_path = folder / "report.json"
+    if not report_path.is_file():
+        return sheet, ValidationSummary([], [], None, None, None)
+    try:
+        report = json.loads(report_path.read_text())
+        images = report.get("images", [])
+    except (json.JSONDecodeError, AttributeError):
+        raise UserError(f"{report_path}: not a render report (JSON); render again or leave out --validation") from None
+    if report.get("passed") is False:
+        raise UserError(f"{folder}: the validation render failed its checks (see {report_path}); fix the model or "
+                        "publish without --validation")
+    rendered = (report.get("model") or {}).get("data_sha256")
+    ours = metadata.get(HASH_KEY)
+    if rendered and ours and rendered.lower() != ours.lower():
+        raise UserError(f"{folder}: these renders are of another model ({HASH_KEY} {rendered}, this one has "
+                        f"{ours}); render this model again")
+    return sheet, ValidationSummary(list(dict.fromkeys(i["prompt"] for i in images)),
+                                    sorted({i["seed"] for i in images}), report.get("passed"),
+                                    report.get("device_name") or report.get("device"), report.get("steps"))
+
+
+# --- the model card ---------------------------------------------------------------------------------------------
+
+def _yaml(value: str) -> str:
+    """A YAML scalar that is always read back as this exact string (JSON strings are valid YAML)."""
+    return json.dumps(value)
+
+
+def render_card(repo_id: str, revision: str, layout: str, metadata: dict[str, str], settings: Settings,
+                settings_source: str, uploads: list[Upload], base_models: tuple[str, ...] = (),
+                validation: ValidationSummary | None = None) -> str:
+    """README.md with the hub's YAML front matter, provenance, settings and usage for diffusers and ComfyUI."""
+    sources = meta.read_sources(metadata)
+    merged = any(s.get("role") == "lora" for s in sources)
+    tags = ["text-to-image", "stable-diffusion-xl", "sdxl-lightning", "lightning-tools"] + \
+        (["lora"] if layout == "lora" else [])
+    front = ["---", f"license: {LICENSE}", "base_model:"]
+    front += [f"- {_yaml(m)}" for m in dict.fromkeys((LIGHTNING_REPO, *base_models))]
+    if merged:
+        front.append("base_model_relation: merge")
+    front += ["tags:", *[f"- {t}" for t in tags], "library_name: diffusers", "pipeline_tag: text-to-image", "---"]
+
+    title = metadata.get("modelspec.title") or repo_id.split("/")[-1]
+    weights = [u for u in uploads if u.local is not None and u.path_in_repo != _SHEET_IN_REPO]
+    lines = [*front, "", f"# {title}", "", _intro(layout, settings, metadata), ""]
+    if sources:
+        lines += ["## What it is made of", "", "| role | file | sha256 | strength |", "|---|---|---|---|"]
+        for s in sources:
+            official = catalog.by_sha256(s.get("sha256") or "")
+            name = f"`{s.get('file', '?')}`" + (f" (official {LIGHTNING_REPO} file)" if official else "")
+            strength = "" if s.get("strength") is None else f"{s['strength']:g}"
+            lines.append(f"| {s.get('role', '')} | {name} | `{s.get('sha256') or 'unknown'}` | {strength} |")
+        tool = metadata.get(meta.TOOL)
+        lines += ["", f"Made with `{tool}`." if tool else "", ""]
+    lines += ["## Files", "", "| file | bytes | sha256 |", "|---|---|---|"]
+    lines += [f"| `{u.path_in_repo}` | {u.size} | `{u.sha256}` |" for u in weights]
+    lines += ["", *_settings_table(settings, settings_source), "", "## Usage with diffusers", "", "```python",
+              *_diffusers_snippet(layout, repo_id, revision, weights, settings), "```", "",
+              "## Usage with ComfyUI", "", *_comfyui_steps(layout, weights, settings), ""]
+    if validation is not None:
+        lines += ["## Validation", "", f"![validation contact sheet]({_SHEET_IN_REPO})", ""]
+        detail = [f"{settings.steps} steps" if validation.steps is None else f"{validation.steps} steps"]
+        if validation.seeds:
+            detail.append(f"seeds {', '.join(map(str, validation.seeds))}")
+        if validation.device:
+            detail.append(f"on {validation.device}")
+        lines.append(f"Rendered with `lightning-tools render` ({', '.join(detail)})"
+                     + ("; every image passed the automatic checks." if validation.passed else "."))
+        if validation.prompts:
+            lines += ["", "Prompts:", "", *[f"- {p}" for p in validation.prompts]]
+        lines.append("")
+    lines += ["## License", "",
+              f"Released under the CreativeML Open RAIL++-M license ({LICENSE}), as a derivative of "
+              f"[{LIGHTNING_REPO}](https://huggingface.co/{LIGHTNING_REPO}) (Lin et al., \"SDXL-Lightning: "
+              "Progressive Adversarial Diffusion Distillation\", arXiv:2402.13929) and "
+              f"[{SDXL_BASE_REPO}](https://huggingface.co/{SDXL_BASE_REPO}).", ""]
+    return "\n".join(lines)
+
+
+_WHAT = {"diffusers": "an SDXL pipeline in diffusers layout", "single-file": "an all-in-one SDXL checkpoint "
+         "(ComfyUI / A1111 single-file layout)", "unet-diffusers": "an SDXL UNet (diffusers names)",
+         "unet-single-file": "an SDXL UNet (ComfyUI / A1111 names)", "lora": "an SDXL LoRA"}
+
+
+def _intro(layout: str, settings: Settings, metadata: dict[str, str]) -> str:
+    text = (f"A {settings.steps}-step SDXL-Lightning model: {_WHAT[layout]}. Sample it with exactly "
+            f"{settings.steps} step{'s' if settings.steps > 1 else ''}: Lightning models are distilled for a fixed "
+            "step count, and other counts give worse images.")
+    description = metadata.get("modelspec.description")
+    return f"{description}\n\n{text}" if description else text
+
+
+def _settings_table(s: Settings, source: str) -> list[str]:
+    sample = s.prediction_type == "sample"
+    return ["## Recommended settings", "", "| | diffusers | ComfyUI |", "|---|---|---|",
+            f"| steps | `num_inference_steps={s.steps}` | steps {s.steps} |",
+            f"| sampler | `{s.scheduler}` with `timestep_spacing=\"{s.timestep_spacing}\"` | "
+            f"sampler `{s.comfy_sampler}`, scheduler `{s.comfy_scheduler}` |",
+            f"| guidance | `guidance_scale={s.guidance_scale:g}` (no classifier-free guidance) | CFG {s.comfy_cfg:g} |",
+            f"| prediction | `prediction_type=\"{s.prediction_type}\"` | "
+            + ("ModelSamplingDiscrete node, sampling `x0` |" if sample else "default (eps) |"),
+            "", f"(settings from the {source})" if source != "--steps" else "(settings stated by the publisher)"]
+
+
+def _diffusers_snippet(layout: str, repo_id: str, revision: str, weights: list[Upload], s: Settings) -> list[str]:
+    rev = "" if revision == "main" else f', revision="{revision}"'
+    file = weights[0].path_in_repo if weights else "model.safetensors"
+    extra = ', prediction_type="sample"' if s.prediction_type == "sample" else ""
+    head = ["import torch", "from diffusers import EulerDiscreteScheduler, StableDiffusionXLPipeline"]
+    if layout == "diffusers":
+        load = [f'pipe = StableDiffusionXLPipeline.from_pretrained("{repo_id}"{rev}, torch_dtype=torch.float16)']
+    elif layout == "single-file":
+        head.append("from huggingface_hub import hf_hub_download")
+        load = [f'path = hf_hub_download("{repo_id}", "{file}"{rev})',
+                "pipe = StableDiffusionXLPipeline.from_single_file(path, torch_dtype=torch.float16)"]
+    elif layout == "lora":
+        load = [f'pipe = StableDiffusionXLPipeline.from_pretrained("{SDXL_BASE_REPO}", torch_dtype=torch.float16,'
+                ' variant="fp16")  # or your own SDXL base',
+                f'pipe.load_lora_weights("{repo_id}", weight_name="{file}"{rev})', "pipe.fuse_lora()"]
+    else:  # a UNet alone: the rest of the pipeline comes from SDXL base
+        head[1] = "from diffusers import EulerDiscreteScheduler, StableDiffusionXLPipeline, UNet2DConditionModel"
+        head.append("from huggingface_hub import hf_hub_download")
+        if layout == "unet-single-file":
+            unet = [f'unet = UNet2DConditionModel.from_single_file(hf_hub_download("{repo_id}", "{file}"{rev}),',
+                    f'                                            config="{SDXL_BASE_REPO}", subfolder="unet",',
+                    "                                            torch_dtype=torch.float16)"]
+        else:
+            head.append("from safetensors.torch import load_file")
+            unet = [f'unet = UNet2DConditionModel.from_config("{SDXL_BASE_REPO}", subfolder="unet")',
+                    f'unet.load_state_dict(load_file(hf_hub_download("{repo_id}", "{file}"{rev})))',
+                    "unet = unet.to(torch.float16)"]
+        load = [*unet, f'pipe = StableDiffusionXLPipeline.from_pretrained("{SDXL_BASE_REPO}", unet=unet,',
+                '                                                 torch_dtype=torch.float16, variant="fp16")']
+    return [*head, "", *load, 'pipe = pipe.to("cuda")', "",
+            f"# Lightning needs trailing timesteps{' and sample prediction' if extra else ''}, "
+            f"{s.steps} steps and no CFG.",
+            "pipe.scheduler = EulerDiscreteScheduler.from_config(pipe.scheduler.config, "
+            f'timestep_spacing="{s.timestep_spacing}"{extra})',
+            f'image = pipe("a lighthouse on a cliff at dawn", num_inference_steps={s.steps}, '
+            f"guidance_scale={s.guidance_scale:g}).images[0]",
+            'image.save("lightning.png")']
+
+
+def _comfyui_steps(layout: str, weights: list[Upload], s: Settings) -> list[str]:
+    file = f"`{weights[0].path_in_repo}`" if weights else "the file"
+    sampler = (f"In the KSampler node set steps {s.steps}, cfg {s.comfy_cfg:g}, sampler_name `{s.comfy_sampler}`, "
+               f"scheduler `{s.comfy_scheduler}`.")
+    place = {
+        "single-file": [f"1. Put {file} in `ComfyUI/models/checkpoints` and load it with **Load Checkpoint**."],
+        "lora": ["1. Load your SDXL base with **Load Checkpoint**.",
+                 f"1. Put {file} in `ComfyUI/models/loras` and add **LoraLoader** (strength 1.0) after it."],
+        "unet-single-file": [f"1. Put {file} in `ComfyUI/models/diffusion_models` and load it with **Load "
+                             "Diffusion Model**; take CLIP and VAE from an SDXL base checkpoint."],
+        "unet-diffusers": [f"1. Put {file} in `ComfyUI/models/diffusion_models` and load it with **Load Diffusion "
+                           "Model**; take CLIP and VAE from an SDXL base checkpoint."],
+        "diffusers": ["1. ComfyUI loads single files: make one with `lightning-tools convert <this folder> --to "
+                      "comfyui --out model.safetensors`, then put it in `ComfyUI/models/checkpoints`."],
+    }[layout]
+    steps = [*place, f"1. {sampler}"]
+    if s.prediction_type == "sample":
+        steps.append("1. This is an x0 (sample-prediction) model: add **ModelSamplingDiscrete** with sampling "
+                     "`x0` between the model loader and the KSampler.")
+    return steps
+
+
+# --- writing and uploading -------------------------------------------------------------------------------------
+
+def write_card(plan: PublishPlan, path: Path | str, overwrite: bool = False) -> Path:
+    path = Path(path)
+    with atomic_output(path, overwrite) as tmp:
+        tmp.write_text(plan.card)
+    return path
+
+
+@contextlib.contextmanager
+def _hub_progress_bars(show: bool) -> Iterator[None]:
+    """huggingface_hub's upload bars follow our policy (quiet off a terminal); it offers no per-call switch."""
+    from huggingface_hub.utils import are_progress_bars_disabled, disable_progress_bars, enable_progress_bars
+
+    silence = not show and not are_progress_bars_disabled()
+    if silence:
+        disable_progress_bars()
+    try:
+        yield
+    finally:
+        if silence:
+            enable_progress_bars()
+
+
+def upload(plan: PublishPlan) -> dict:
+    """Create the repo (and branch) if needed, commit every file at once, then check the hub lists our hashes."""
+    import httpx2
+    from huggingface_hub import CommitOperationAdd, HfApi
+    from huggingface_hub.errors import HfHubHTTPError
+
+    env = hub.HubEnv.current()
+    if env.offline:
+        raise UserError("offline mode (HF_HUB_OFFLINE) is on: nothing can be uploaded; use --dry-run to preview")
+    api = HfApi(endpoint=env.endpoint)
+    operations = []
+    for u in plan.uploads:
+        op = CommitOperationAdd(u.path_in_repo, str(u.local) if u.local else plan.card.encode())
+        op.upload_info.sha256 = bytes.fromhex(u.sha256)  # hashed while verifying: no second read of big files
+        operations.append(op)
+    try:
+        with _hub_progress_bars(progress.enabled()):
+            api.create_repo(plan.repo_id, private=plan.private, exist_ok=True)
+            if plan.revision != "main":
+                api.create_branch(plan.repo_id, branch=plan.revision, exist_ok=True)
+            commit = api.create_commit(plan.repo_id, operations, revision=plan.revision,
+                                       commit_message=f"Publish {plan.src.name} with lightning-tools")
+    except (HfHubHTTPError, httpx2.HTTPError, OSError, ValueError, RuntimeError) as e:
+        # huggingface_hub reports protocol trouble as ValueError/RuntimeError (bad YAML, LFS batch errors)
+        raise hub.hub_error(e, plan.repo_id, plan.revision, env.endpoint) from e
+    listing, unreachable = hub.list_repo(env, plan.repo_id, commit.oid)
+    if listing is None:
+        raise UserError(f"{plan.repo_id}: uploaded as {commit.oid}, but the check that followed failed "
+                        f"({unreachable}); run `lightning-tools fetch` or look at the repo to confirm")
+    wrong = [u.path_in_repo for u in plan.uploads
+             if listing.files.get(u.path_in_repo, (None, None))[1] != u.size
+             or listing.files[u.path_in_repo][0] not in (None, u.sha256)]
+    if wrong:
+        raise UserError(f"{plan.repo_id}@{commit.oid}: the hub lists other sizes or hashes for "
+                        f"{', '.join(wrong)} than were uploaded; upload again")
+    return {"repo_id": plan.repo_id, "revision": plan.revision, "commit": commit.oid, "url": commit.commit_url,
+            "files": [u.path_in_repo for u in plan.uploads]}
