@@ -101,6 +101,12 @@ class Settings:
         known = {f.name for f in fields(cls)}
         return cls(**{k: v for k, v in data.items() if k in known})
 
+    def scheduler_config(self, base: dict) -> dict:
+        """`base` (a diffusers scheduler config) turned into this model's sampler: what `from_pretrained` then
+        loads without the user having to know about trailing timesteps or x0 prediction."""
+        return dict(base) | {"_class_name": self.scheduler, "timestep_spacing": self.timestep_spacing,
+                             "prediction_type": self.prediction_type}
+
     def describe(self) -> str:
         """One line a person can follow in diffusers or ComfyUI."""
         sample = ", prediction_type=sample" if self.prediction_type == "sample" else ""

@@ -16,6 +16,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
+from lightning_tools import metadata as meta
 from lightning_tools.errors import UserError
 from lightning_tools.sdxl import SDXL_BASE_CONFIGS
 from lightning_tools.sdxl import keys as K
@@ -249,6 +250,7 @@ def _write_folder(ckpt: Checkpoint, out: Path, dtype: str | None, metadata: dict
         for relative, source in support.items():
             (tmp / relative).parent.mkdir(parents=True, exist_ok=True)
             shutil.copyfile(source, tmp / relative)
+        _write_lightning_scheduler(tmp / "scheduler" / "scheduler_config.json", metadata)
         for c in COMPONENTS:
             folder = tmp / c
             folder.mkdir(exist_ok=True)
@@ -261,6 +263,17 @@ def _write_folder(ckpt: Checkpoint, out: Path, dtype: str | None, metadata: dict
     roots = sorted({str(p)[: -len(r)].rstrip("/") for r, p in support.items()})
     return {"output": str(out), "format": "diffusers", "components": written, "bytes": size,
             "support_files_from": roots}
+
+
+def _write_lightning_scheduler(path: Path, metadata: Mapping[str, str]) -> None:
+    """A Lightning model's folder gets its sampler (Euler, trailing, its prediction type) in scheduler_config,
+    so a plain `from_pretrained` samples it correctly; other models keep the copied config."""
+    from lightning_tools.catalog import Settings
+
+    if meta.SETTINGS not in metadata or not path.is_file():
+        return
+    settings = Settings.from_dict(json.loads(metadata[meta.SETTINGS]))
+    path.write_text(json.dumps(settings.scheduler_config(json.loads(path.read_text())), indent=2) + "\n")
 
 
 def _support_files(ckpt: Checkpoint, config_dir: Path | None) -> dict[str, Path]:

@@ -91,7 +91,8 @@ def output_metadata(src: Path, metadata: dict[str, str], sources: list[meta.Sour
     out.pop("format", None)  # a diffusers/transformers file marker, not a property of the model
     found = settings_for(src, metadata, sources[0].sha256)
     settings = found[0] if found else None
-    out.update(meta.provenance("convert", sources, steps=settings.steps if settings else None,
+    earlier = [meta.Source(**s) for s in meta.read_sources(metadata)]  # a merge's base and LoRAs stay on record
+    out.update(meta.provenance("convert", earlier + sources, steps=settings.steps if settings else None,
                                prediction_type=settings.prediction_type if settings else None,
                                settings=settings.as_dict() if settings else None))
     return out

@@ -335,8 +335,7 @@ def lightning_scheduler(config, settings: catalog.Settings):
     """The model card's scheduler: the base's scheduler config with trailing spacing and the model's prediction."""
     import diffusers
 
-    return getattr(diffusers, settings.scheduler).from_config(config, timestep_spacing=settings.timestep_spacing,
-                                                               prediction_type=settings.prediction_type)
+    return getattr(diffusers, settings.scheduler).from_config(settings.scheduler_config(dict(config)))
 
 
 def prepare(pipe, settings: catalog.Settings, device: torch.device, dtype: torch.dtype,

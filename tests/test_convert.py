@@ -205,3 +205,24 @@ def test_text_encoder_key_form_matches_the_installed_transformers(component, tin
         names = list(cls(CLIPTextConfig.from_dict(config)).state_dict())
     assert transformers_layout(component) == (any(n.startswith("text_model.") for n in names),
                                               any(n.endswith("position_ids") for n in names))
+
+
+def test_a_lightning_model_converted_to_diffusers_keeps_its_history_and_sampler(cli, tiny_pipeline, tiny_lora,
+                                                                               tmp_path):
+    from diffusers import EulerDiscreteScheduler
+
+    merged = tmp_path / "merged.safetensors"
+    cli("merge", "--base", tiny_pipeline, "--lora", tiny_lora, "--strength", 0.8, "--out", merged, ok=True)
+    out = tmp_path / "merged-diffusers"
+
+    cli("convert", merged, "--to", "diffusers", "--config", tiny_pipeline, "--out", out, ok=True)
+
+    scheduler = EulerDiscreteScheduler.from_pretrained(out, subfolder="scheduler")
+    scheduler.set_timesteps(4)
+    assert scheduler.config.timestep_spacing == "trailing" and scheduler.config.prediction_type == "epsilon"
+    assert scheduler.timesteps.tolist() == [999, 749, 499, 249]
+    sources = meta.read_sources(SafetensorsFile(out / "unet" / "diffusion_pytorch_model.safetensors").metadata)
+    assert [s["role"] for s in sources] == ["base", "lora", "source"]
+    assert sources[1]["strength"] == 0.8 and sources[2]["file"] == merged.name
+    base_scheduler = json.loads((tiny_pipeline / "scheduler" / "scheduler_config.json").read_text())
+    assert base_scheduler["timestep_spacing"] == "leading"  # the input folder is untouched
