@@ -116,13 +116,17 @@ class Accelerations:
 
 # ---------------------------------------------------------------- planning (headers only)
 
-def open_model(path: Path | str, base: Path | str | None = None, config: Path | str | None = None) -> Model:
-    """Tell what `path` is (diffusers folder, all-in-one file, UNet-only file, LoRA) and check `--base` fits."""
+def open_model(path: Path | str, base: Path | str | None = None, config: Path | str | None = None,
+               loadable: bool = True) -> Model:
+    """Tell what `path` is (diffusers folder, all-in-one file, UNet-only file, LoRA) and check `--base` fits.
+
+    `loadable` also finds the configs and tokenizers an all-in-one file needs, so a render fails before any work;
+    the ComfyUI export reads headers only and does without them."""
     path = Path(path)
     if not path.exists():
         raise UserError(f"{path}: no such file or folder")
     kind, layout = _kind(path)
-    base_model = open_model(base, config=config) if base is not None else None
+    base_model = open_model(base, config=config, loadable=loadable) if base is not None else None
     if kind in ("unet", "lora"):
         if base_model is None:
             what = "a UNet-only file" if kind == "unet" else "a LoRA"
@@ -133,7 +137,8 @@ def open_model(path: Path | str, base: Path | str | None = None, config: Path | 
                             f".safetensors), not {base_model.kind} ({base_model.layout})")
     elif base_model is not None:
         raise UserError(f"{base}: --base is for UNet-only files and LoRAs; {path} is a complete model already")
-    config_dir = _config_dir(path, Path(config) if config else None) if kind == "single-file" else None
+    needs_configs = loadable and kind == "single-file"
+    config_dir = _config_dir(path, Path(config) if config else None) if needs_configs else None
     return Model(path=path, kind=kind, layout=layout, metadata=_metadata(path, kind), sha256=_known_sha256(path),
                  base=base_model, config_dir=config_dir)
 
@@ -193,9 +198,9 @@ def _has_tokenizers(folder: Path) -> bool:
 
 def plan(model: Path | str, base: Path | str | None = None, config: Path | str | None = None,
          steps: int | None = None, prediction_type: str | None = None,
-         guidance_scale: float | None = None) -> Plan:
+         guidance_scale: float | None = None, loadable: bool = True) -> Plan:
     """Resolve how `model` must be sampled: its own settings, overridden by the given ones, with warnings."""
-    m = open_model(model, base, config)
+    m = open_model(model, base, config, loadable)
     found = catalog.settings_for(m.path, m.metadata, m.sha256)
     ckpt, source = found if found else (None, None)
     return resolve(m, ckpt, source, steps, prediction_type, guidance_scale)

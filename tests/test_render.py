@@ -158,6 +158,16 @@ def test_all_in_one_file_without_tokenizers_asks_for_config(cli, tiny_single_fil
     assert result.stderr.startswith("error: ") and "--config" in result.stderr
 
 
+def test_comfyui_export_of_an_all_in_one_file_needs_no_tokenizers(cli, tiny_single_file, tmp_path):
+    flow_path = tmp_path / "flow.json"
+
+    cli("render", tiny_single_file, "--comfyui-workflow", flow_path, ok=True)
+
+    nodes = {n["class_type"]: n["inputs"] for n in json.loads(flow_path.read_text()).values()}
+    assert nodes["CheckpointLoaderSimple"]["ckpt_name"] == tiny_single_file.name
+    assert not (tmp_path / f"render-{tiny_single_file.stem}").exists()
+
+
 def test_cuda_without_a_gpu_fails_in_one_line(cli, tiny_pipeline, tmp_path):
     if torch.cuda.is_available():
         pytest.skip("this machine has CUDA")
