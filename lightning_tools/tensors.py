@@ -131,7 +131,6 @@ class SafetensorsFile(Mapping[str, TensorInfo]):
     def __init__(self, path: Path | str):
         self.path = Path(path)
         self.tensors, self.metadata, self.data_start = read_header(self.path)
-        self._handle = None
 
     def __getitem__(self, key: str) -> TensorInfo:
         return self.tensors[key]
@@ -143,11 +142,9 @@ class SafetensorsFile(Mapping[str, TensorInfo]):
         return len(self.tensors)
 
     def load(self, key: str) -> torch.Tensor:
-        from safetensors import safe_open
-
-        if self._handle is None:
-            self._handle = safe_open(str(self.path), framework="pt")
-        return self._handle.get_tensor(key)
+        """Read one tensor with a plain read, not a memory map: mapped pages of a 7 GB input would count
+        towards the process's resident memory as a stream walks through it."""
+        return _read_tensor(self.tensors[key])
 
 
 class TensorSource(Mapping[str, TensorInfo]):
@@ -231,6 +228,23 @@ def read_raw(info: TensorInfo, chunk: int = _CHUNK) -> Iterator[memoryview]:
                 raise _corrupt(info.path, f"ended inside tensor {info.name!r}")
             left -= n
             yield view[:n]
+
+
+def _read_tensor(info: TensorInfo) -> torch.Tensor:
+    buf = bytearray(info.nbytes)
+    view = memoryview(buf)
+    with open(info.path, "rb", buffering=0) as f:
+        f.seek(info.start)
+        done = 0
+        while done < info.nbytes:
+            n = f.readinto(view[done:])
+            if not n:
+                raise _corrupt(info.path, f"ended inside tensor {info.name!r}")
+            done += n
+    dtype = TORCH_DTYPE[info.dtype]
+    if not info.nbytes:
+        return torch.empty(info.shape, dtype=dtype)
+    return torch.frombuffer(buf, dtype=dtype).reshape(info.shape)
 
 
 def tensor_bytes(t: torch.Tensor) -> memoryview:

@@ -21,6 +21,15 @@ from click.testing import CliRunner
 from lightning_tools.tiny import write_tiny_lightning_lora, write_tiny_pipeline
 
 
+@pytest.fixture(scope="session", autouse=True)
+def _one_thread():
+    """Tiny models gain nothing from threads, and OpenMP's waiting makes them many times slower whenever another
+    process shares the two cores: run the whole suite single-threaded."""
+    import torch
+
+    torch.set_num_threads(1)
+
+
 @pytest.fixture(autouse=True)
 def _isolated_hub_cache(tmp_path_factory, monkeypatch):
     home = tmp_path_factory.mktemp("hf_home")

@@ -118,7 +118,8 @@ def test_validation_recipe_passes_for_the_reference_model_and_fails_for_another(
     cli("run", recipe, *common, "--set", f"model={tiny_single_file}", ok=True)
 
     other = tmp_path / "other.safetensors"
-    cli("merge", "--base", tiny_single_file, "--config", tiny_pipeline, "--lora", tiny_lora, "--out", other, ok=True)
+    cli("merge", "--base", tiny_single_file, "--config", tiny_pipeline, "--lora", tiny_lora, "--strength", 30,
+        "--out", other, ok=True)  # strong enough to change the tiny model's images well past --max-diff
     failed = cli("run", recipe, *common[:2], "--set", f"workdir={tmp_path / 'w2'}", *common[2:],
                  "--set", f"model={other}", ok=False)
     assert "candidate_render" in failed.stderr and "reference" in failed.stderr

@@ -19,15 +19,6 @@ TRAILING = {1: [999], 2: [999, 499], 4: [999, 749, 499, 249], 8: [999, 874, 749,
 SMALL = ("--device", "cpu", "--height", "64", "--width", "64", "--prompt", "a red cat")
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    """Tiny models run faster on one thread, and far faster when other processes share the cores."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def _report(out: Path) -> dict:
     return json.loads((out / "report.json").read_text())
 
