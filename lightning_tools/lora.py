@@ -24,7 +24,7 @@ import torch
 
 from lightning_tools import metadata as meta
 from lightning_tools.errors import UserError
-from lightning_tools.tensors import TORCH_DTYPE, CorruptFile, LazyTensor, SafetensorsFile, TensorInfo, write_tensors
+from lightning_tools.tensors import TORCH_DTYPE, LazyTensor, SafetensorsFile, TensorInfo, read_tensor, write_tensors
 
 LORA_COMPONENTS = ("unet", "text_encoder", "text_encoder_2")
 TE_PREFIX = "text_model."
@@ -231,29 +231,6 @@ def _split_peft(key: str) -> tuple[str, str] | None:
         if key.endswith(suffix) and key.split(".", 1)[0] in LORA_COMPONENTS:
             return key[: -len(suffix)], part
     return None
-
-
-def read_tensor(info: TensorInfo, into: bytearray | None = None) -> torch.Tensor:
-    """A stored tensor read with plain file reads, into `into` (reused scratch, at least info.nbytes) if given.
-
-    safetensors' own loader maps the whole file, and every page it touches stays in the process's resident
-    memory: merging a 7 GB model that way peaks at 7 GB RSS.
-    """
-    data = bytearray(info.nbytes) if into is None else into
-    view = memoryview(data)
-    with open(info.path, "rb", buffering=0) as f:
-        f.seek(info.start)
-        done = 0
-        while done < info.nbytes:
-            n = f.readinto(view[done:info.nbytes])
-            if not n:
-                raise CorruptFile(f"{info.path}: ended inside tensor {info.name!r}; the file is damaged or was "
-                                  "changed while being read")
-            done += n
-    dtype = TORCH_DTYPE[info.dtype]
-    if not info.numel:
-        return torch.empty(info.shape, dtype=dtype)
-    return torch.frombuffer(data, dtype=dtype, count=info.numel).reshape(info.shape)
 
 
 def lazy(info: TensorInfo) -> LazyTensor:

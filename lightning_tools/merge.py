@@ -22,8 +22,8 @@ import torch
 from lightning_tools import metadata as meta
 from lightning_tools.checkpoint import Checkpoint, open_checkpoint, write_checkpoint
 from lightning_tools.errors import UserError
-from lightning_tools.lora import LoraFile, LoraModule, add_lora, modules_of_keys, read_lora, read_tensor
-from lightning_tools.tensors import DTYPE_NAMES, ITEM_SIZE, TORCH_DTYPE, LazyTensor, target_dtype
+from lightning_tools.lora import LoraFile, LoraModule, add_lora, modules_of_keys, read_lora
+from lightning_tools.tensors import DTYPE_NAMES, ITEM_SIZE, TORCH_DTYPE, LazyTensor, read_tensor, target_dtype
 
 OUTPUTS = ("comfyui", "diffusers")
 DEVICES = ("cpu", "cuda")

@@ -8,6 +8,7 @@ time, so peak memory is a few tensors, never the model.
 from __future__ import annotations
 
 import contextlib
+import errno
 import hashlib
 import json
 import math
@@ -15,6 +16,7 @@ import os
 import shutil
 import struct
 from collections.abc import Callable, Iterator, Mapping, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -142,9 +144,7 @@ class SafetensorsFile(Mapping[str, TensorInfo]):
         return len(self.tensors)
 
     def load(self, key: str) -> torch.Tensor:
-        """Read one tensor with a plain read, not a memory map: mapped pages of a 7 GB input would count
-        towards the process's resident memory as a stream walks through it."""
-        return _read_tensor(self.tensors[key])
+        return read_tensor(self.tensors[key])
 
 
 class TensorSource(Mapping[str, TensorInfo]):
@@ -230,21 +230,26 @@ def read_raw(info: TensorInfo, chunk: int = _CHUNK) -> Iterator[memoryview]:
             yield view[:n]
 
 
-def _read_tensor(info: TensorInfo) -> torch.Tensor:
-    buf = bytearray(info.nbytes)
-    view = memoryview(buf)
+def read_tensor(info: TensorInfo, into: bytearray | None = None) -> torch.Tensor:
+    """A stored tensor read with plain file reads, into `into` (reused scratch, at least info.nbytes) if given.
+
+    Not a memory map: every mapped page a stream touches would stay in the process's resident memory, so
+    merging a 7 GB model that way peaks at 7 GB RSS.
+    """
+    data = bytearray(info.nbytes) if into is None else into
+    view = memoryview(data)
     with open(info.path, "rb", buffering=0) as f:
         f.seek(info.start)
         done = 0
         while done < info.nbytes:
-            n = f.readinto(view[done:])
+            n = f.readinto(view[done:info.nbytes])
             if not n:
                 raise _corrupt(info.path, f"ended inside tensor {info.name!r}")
             done += n
     dtype = TORCH_DTYPE[info.dtype]
-    if not info.nbytes:
+    if not info.numel:
         return torch.empty(info.shape, dtype=dtype)
-    return torch.frombuffer(buf, dtype=dtype).reshape(info.shape)
+    return torch.frombuffer(data, dtype=dtype, count=info.numel).reshape(info.shape)
 
 
 def tensor_bytes(t: torch.Tensor) -> memoryview:
@@ -306,6 +311,8 @@ class SafetensorsWriter:
     The header is written first from the plan; `modelspec.hash_sha256` (sha256 of the data after the header)
     is filled in at the end when `metadata` asks for it by containing that key. Use as a context manager on a
     path from `atomic_output`, or on a final path (it then writes to a temporary name itself).
+    Stored tensors copied unchanged (`copy`) move inside the kernel with copy_file_range, as `cp` does, where
+    the OS and filesystems allow it.
     """
 
     def __init__(self, path: Path | str, plan: Sequence[Planned], metadata: Mapping[str, str] | None = None,
@@ -317,9 +324,10 @@ class SafetensorsWriter:
         self._want_hash = HASH_KEY in self.metadata
         if self._want_hash:
             self.metadata[HASH_KEY] = _HASH_PLACEHOLDER
-        self._digest = hashlib.sha256()
         self._next = 0
         self._pending = 0
+        self._kernel_copy = hasattr(os, "copy_file_range")
+        self._sources: dict[Path, int] = {}
         self.sha256: str | None = None
 
     def _header(self) -> bytes:
@@ -337,10 +345,12 @@ class SafetensorsWriter:
             raise ValueError("duplicate tensor names in the write plan")
         self._atomic = atomic_output(self.path, self.overwrite)
         self._tmp = self._atomic.__enter__()
-        self._file = open(self._tmp, "wb")
+        # Unbuffered: kernel copies and plain writes then share one file position.
+        self._file = open(self._tmp, "wb", buffering=0)
+        self._hasher = _OrderedHash()
         header = self._header()
         self._header_len = len(header)
-        self._file.write(struct.pack("<Q", len(header)) + header)
+        self._write_all(struct.pack("<Q", len(header)) + header)
         return self
 
     def write(self, name: str, data: torch.Tensor | bytes | memoryview) -> None:
@@ -359,19 +369,63 @@ class SafetensorsWriter:
         self._next += 1
 
     def write_bytes(self, chunk: bytes | memoryview) -> None:
-        """Part of the current tensor's bytes; `write(name, b"")` closes the tensor after streamed chunks."""
-        self._digest.update(chunk)
-        self._file.write(chunk)
+        """Part of the current tensor's bytes; `write(name, b"")` closes the tensor after streamed chunks.
+
+        The chunk is hashed in the hashing thread while it is written here, and both are done when this
+        returns, so the caller may reuse its buffer."""
+        if not len(chunk):
+            return
+        self._hasher.add(chunk)
+        self._write_all(chunk)
+        self._hasher.wait()
         self._pending += len(chunk)
+
+    def _write_all(self, data: bytes | memoryview) -> None:
+        view = memoryview(data).cast("B")
+        while view:
+            view = view[self._file.write(view):]
 
     def copy(self, info: TensorInfo) -> None:
         """Copy a source tensor's stored bytes unchanged (same dtype and shape as planned)."""
         planned = self.plan[self._next]
         if (info.dtype, info.shape) != (planned.dtype, planned.shape):
             raise ValueError(f"{info.name}: stored {info.dtype}{list(info.shape)}, planned {planned.dtype}{list(planned.shape)}")
-        for chunk in read_raw(info):
-            self.write_bytes(chunk)
+        if self._copy_in_kernel(info):
+            self._pending += info.nbytes
+        else:
+            for chunk in read_raw(info):
+                self.write_bytes(chunk)
         self.write(planned.name, b"")
+
+    def _copy_in_kernel(self, info: TensorInfo) -> bool:
+        """copy_file_range from the input into the output; False (and plain copies from then on) where the OS
+        or the pair of filesystems does not support it. The hashing thread reads the same range of the input
+        (from the page cache the copy just filled), so the hash covers exactly the bytes copied."""
+        if not self._kernel_copy or not info.nbytes:
+            return False
+        source = self._sources.get(info.path)
+        if source is None:
+            source = self._sources[info.path] = os.open(info.path, os.O_RDONLY)
+        done = 0
+        try:
+            while done < info.nbytes:
+                n = os.copy_file_range(source, self._file.fileno(), info.nbytes - done, info.start + done)
+                if not n:
+                    raise _corrupt(info.path, f"ended inside tensor {info.name!r}")
+                done += n
+        except OSError as e:
+            if done or e.errno not in _NO_KERNEL_COPY:
+                raise
+            self._kernel_copy = False
+            return False
+        self._hasher.add_range(source, info.start, info.nbytes, info)
+        return True
+
+    def _close(self) -> None:
+        self._hasher.close()
+        for fd in self._sources.values():
+            os.close(fd)
+        self._file.close()
 
     def __exit__(self, exc_type, exc, tb) -> None:
         try:
@@ -379,19 +433,69 @@ class SafetensorsWriter:
                 missing = self.plan[self._next].name
                 raise ValueError(f"writer closed after {self._next} of {len(self.plan)} tensors (next: {missing})")
             if exc_type is None:
-                self.sha256 = self._digest.hexdigest()
+                self.sha256 = self._hasher.hexdigest()
                 if self._want_hash:
                     self.metadata[HASH_KEY] = "0x" + self.sha256
                     header = self._header()
                     assert len(header) == self._header_len
                     self._file.seek(8)
-                    self._file.write(header)
+                    self._write_all(header)
         except BaseException as e:
-            self._file.close()
+            self._close()
             self._atomic.__exit__(type(e), e, e.__traceback__)
             raise
-        self._file.close()
+        self._close()
         self._atomic.__exit__(exc_type, exc, tb)
+
+
+# copy_file_range errors that mean "not here" (old kernel, other filesystem pair, special file), not a failure.
+_NO_KERNEL_COPY = frozenset({errno.EXDEV, errno.ENOSYS, errno.EOPNOTSUPP, errno.EINVAL, errno.EBADF,
+                             errno.EPERM, errno.ETXTBSY})
+
+
+class _OrderedHash:
+    """sha256 of a stream fed in order, computed in one worker thread (a single worker runs its queue in
+    order), so hashing overlaps the copying. Pieces are in-memory chunks, which the caller keeps unchanged
+    until `wait` returns, or byte ranges of input files, read by the worker into its own buffer."""
+
+    def __init__(self):
+        self._digest = hashlib.sha256()
+        self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="sha256")
+        self._queued: list[Future] = []
+        self._buffer: bytearray | None = None
+
+    def add(self, chunk: bytes | memoryview) -> None:
+        self._queued.append(self._pool.submit(self._digest.update, chunk))
+
+    def add_range(self, fd: int, start: int, nbytes: int, info: TensorInfo) -> None:
+        self._queued.append(self._pool.submit(self._hash_range, fd, start, nbytes, info))
+
+    def _hash_range(self, fd: int, start: int, nbytes: int, info: TensorInfo) -> None:
+        if self._buffer is None:
+            self._buffer = bytearray(_CHUNK)
+        view = memoryview(self._buffer)
+        while nbytes:
+            n = os.preadv(fd, [view[:min(nbytes, len(view))]], start)
+            if not n:
+                raise _corrupt(info.path, f"ended inside tensor {info.name!r}")
+            self._digest.update(view[:n])
+            start += n
+            nbytes -= n
+
+    def wait(self) -> None:
+        """Until everything queued is hashed; raises the first failure."""
+        queued, self._queued = self._queued, []
+        for future in queued:
+            future.result()
+
+    def hexdigest(self) -> str:
+        self.wait()
+        return self._digest.hexdigest()
+
+    def close(self) -> None:
+        for future in self._queued:
+            future.cancel()
+        self._pool.shutdown(wait=True)
 
 
 def hash_file(path: Path | str, start: int = 0, progress=None) -> str:

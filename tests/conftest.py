@@ -18,6 +18,8 @@ from pathlib import Path
 import pytest
 from click.testing import CliRunner
 
+from hubserver import hub_server  # noqa: F401  (the local hub server fixture, for every test file)
+
 from lightning_tools.tiny import write_tiny_lightning_lora, write_tiny_pipeline
 
 

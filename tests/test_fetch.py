@@ -13,7 +13,6 @@ import os
 from pathlib import Path
 
 import pytest
-from hubserver import hub_server  # noqa: F401  (fixture)
 
 from lightning_tools import catalog, hub
 

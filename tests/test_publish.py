@@ -9,7 +9,6 @@ from pathlib import Path
 
 import pytest
 import yaml
-from hubserver import hub_server  # noqa: F401  (fixture)
 from PIL import Image
 
 from lightning_tools import catalog, metadata, publish

@@ -8,7 +8,6 @@ from pathlib import Path
 
 import pytest
 import torch
-from hubserver import hub_server  # noqa: F401  (fixture)
 from safetensors.torch import load_file, save_file
 
 from lightning_tools import catalog

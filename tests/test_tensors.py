@@ -41,6 +41,63 @@ def test_writer_streams_converts_and_hashes(sample, tmp_path):
     assert reread.metadata[HASH_KEY] == "0x" + hash_file(out, reread.data_start) == "0x" + w.sha256
 
 
+def _copy_all(source, out):
+    plan = [Planned(k, info.dtype, info.shape) for k, info in source.items()]
+    with SafetensorsWriter(out, plan, {HASH_KEY: ""}) as w:
+        for k in source:
+            w.copy(source[k])
+    return w.sha256
+
+
+@pytest.mark.parametrize("kernel_copy", ["copy_file_range", "EXDEV", "absent"])
+def test_copies_are_byte_exact_and_hashed_with_or_without_copy_file_range(tmp_path, monkeypatch, kernel_copy):
+    """Byte copies go through copy_file_range where it works and fall back to reads where it is refused (other
+    filesystem: EXDEV) or missing (other OS); the file and its data hash are the same either way."""
+    import errno
+    import os
+
+    tensors = {f"t{i}": torch.randn(1000 + 37 * i) for i in range(40)} | {"empty": torch.zeros(0),
+                                                                          "big": torch.randn(5_000_000)}
+    path = tmp_path / "in.safetensors"
+    save_file(tensors, str(path))
+    calls = []
+    if kernel_copy == "copy_file_range":
+        if not hasattr(os, "copy_file_range"):
+            pytest.skip("no copy_file_range on this OS")
+        real = os.copy_file_range
+        monkeypatch.setattr(os, "copy_file_range", lambda *args: calls.append(args) or real(*args))
+    elif kernel_copy == "EXDEV":
+        def refuse(*args):
+            calls.append(args)
+            raise OSError(errno.EXDEV, "cross-device")
+        monkeypatch.setattr(os, "copy_file_range", refuse)
+    elif kernel_copy == "absent":
+        monkeypatch.delattr(os, "copy_file_range", raising=False)
+    out = tmp_path / "out.safetensors"
+    sha = _copy_all(SafetensorsFile(path), out)
+    reread = SafetensorsFile(out)
+    assert reread.metadata[HASH_KEY] == "0x" + sha == "0x" + hash_file(out, reread.data_start)
+    assert hash_file(out, reread.data_start) == hash_file(path, SafetensorsFile(path).data_start)
+    assert all(torch.equal(v, tensors[k]) for k, v in load_file(str(out)).items())
+    if kernel_copy == "copy_file_range":
+        assert len(calls) >= len(tensors) - 1  # every non-empty tensor moved in the kernel
+    else:
+        assert len(calls) == (1 if kernel_copy == "EXDEV" else 0)  # refused once, then plain copies
+
+
+def test_failing_kernel_copy_leaves_nothing(sample, tmp_path, monkeypatch):
+    import errno
+    import os
+
+    def fail(*args):
+        raise OSError(errno.ENOSPC, "No space left on device")
+    monkeypatch.setattr(os, "copy_file_range", fail)
+    path, _ = sample
+    with pytest.raises(OSError, match="No space"):
+        _copy_all(SafetensorsFile(path), tmp_path / "out.safetensors")
+    assert list(tmp_path.iterdir()) == [path]
+
+
 def test_interrupted_write_leaves_nothing(sample, tmp_path):
     path, _ = sample
     out = tmp_path / "out.safetensors"
