@@ -17,6 +17,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from lightning_tools import metadata as meta
+from lightning_tools.catalog import SDXL_BASE_REPO
 from lightning_tools.errors import UserError
 from lightning_tools.sdxl import SDXL_BASE_CONFIGS
 from lightning_tools.sdxl import keys as K
@@ -29,7 +30,6 @@ WEIGHTS_NAME = {"unet": "diffusion_pytorch_model.safetensors", "vae": "diffusion
                 "text_encoder": "model.safetensors", "text_encoder_2": "model.safetensors"}
 NAMES = {"unet": "UNet", "vae": "VAE", "text_encoder": "CLIP-L text encoder",
          "text_encoder_2": "OpenCLIP-bigG text encoder"}
-SDXL_BASE_REPO = "stabilityai/stable-diffusion-xl-base-1.0"
 # The non-weight parts of a pipeline folder, copied as they are: part -> files it must have ("" = the part is
 # itself a file).
 _TOKENIZER = ("merges.txt", "special_tokens_map.json", "tokenizer_config.json", "vocab.json")
@@ -292,20 +292,37 @@ def _support_files(ckpt: Checkpoint, config_dir: Path | None) -> dict[str, Path]
                 found.update((str(p.relative_to(folder)), p) for p in files)
                 break
         else:
-            cached = {name: _from_hub_cache(f"{part}/{name}") for name in required}
-            if any(p is None for p in cached.values()):
-                raise UserError(f"{ckpt.path}: no {part} files for a diffusers folder, and none in the local "
-                                f"cache of {SDXL_BASE_REPO}; pass --config DIR with an SDXL diffusers folder "
-                                "(its tokenizer/ and tokenizer_2/ are copied), or fetch that repo once")
-            found.update((f"{part}/{name}", p) for name, p in cached.items())
+            files, why = _sdxl_base_files([f"{part}/{name}" for name in required])
+            if files is None:
+                raise UserError(f"{ckpt.path}: no {part} files for a diffusers folder: none beside the input, none "
+                                f"in the local cache of {SDXL_BASE_REPO}, and {why}; pass --config DIR with an SDXL "
+                                "diffusers folder (its tokenizer/ and tokenizer_2/ are copied)")
+            found.update(files)
     return found
 
 
-def _from_hub_cache(relative: str) -> Path | None:
-    from huggingface_hub import try_to_load_from_cache
+def _sdxl_base_files(names: list[str]) -> tuple[dict[str, Path] | None, str]:
+    """Files of the SDXL base repo (tokenizers: a few hundred kB) from the local hub cache, else downloaded.
 
-    hit = try_to_load_from_cache(SDXL_BASE_REPO, relative)
-    return Path(hit) if isinstance(hit, str) else None
+    Returns (files, "") or (None, why not). Whether the hub answers is asked once, quickly, before downloading,
+    so an offline machine gets its error at once instead of after the download retries.
+    """
+    from huggingface_hub import hf_hub_download, try_to_load_from_cache
+
+    from lightning_tools.hub import HubEnv, list_repo
+
+    env = HubEnv.current()
+    cached = {n: try_to_load_from_cache(SDXL_BASE_REPO, n, cache_dir=env.cache_dir) for n in names}
+    if all(isinstance(p, str) for p in cached.values()):
+        return {n: Path(p) for n, p in cached.items()}, ""
+    listing, unreachable = list_repo(env, SDXL_BASE_REPO, "main")
+    if listing is None:
+        return None, f"the hub cannot be asked ({unreachable})"
+    if missing := [n for n in names if n not in listing.files]:
+        return None, f"the hub's {SDXL_BASE_REPO} has no {missing[0]}"
+    # By branch name, so the cache records refs/main and the look-up above finds these files next time.
+    return {n: Path(hf_hub_download(SDXL_BASE_REPO, n, revision="main", cache_dir=env.cache_dir,
+                                    endpoint=env.endpoint)) for n in names}, ""
 
 
 def _installed_names(component: str, tensors: Mapping[str, LazyTensor], config: Mapping) -> dict[str, LazyTensor]:

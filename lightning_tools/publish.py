@@ -17,13 +17,12 @@ from pathlib import Path
 
 from lightning_tools import catalog, hub, progress
 from lightning_tools import metadata as meta
-from lightning_tools.catalog import Settings
+from lightning_tools.catalog import SDXL_BASE_REPO, Settings
 from lightning_tools.errors import UserError
 from lightning_tools.tensors import HASH_KEY, TensorSource, atomic_output, hash_file
 
 LICENSE = "openrail++"  # SDXL-Lightning's license, which its derivatives inherit
 LIGHTNING_REPO = catalog.REPO_ID
-SDXL_BASE_REPO = "stabilityai/stable-diffusion-xl-base-1.0"
 CONTACT_SHEET = "contact_sheet.png"
 _SHEET_IN_REPO = f"validation/{CONTACT_SHEET}"
 _SKIPPED = {"README.md", hub.MANIFEST_NAME}  # replaced by the generated card / local bookkeeping

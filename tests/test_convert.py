@@ -160,16 +160,42 @@ def test_existing_output_and_missing_tokenizers(cli, comfy_file, tmp_path):
     assert "pass --config DIR" in result.stderr
 
 
-def test_tokenizers_come_from_the_hub_cache_or_a_clear_error(comfy_file, tiny_pipeline, tmp_path):
-    configs_only = tmp_path / "configs"  # model configs without tokenizers
+@pytest.fixture
+def configs_only(tiny_pipeline, tmp_path):
+    """The tiny pipeline's model configs without its tokenizers."""
+    folder = tmp_path / "configs"
     for c in COMPONENTS:
-        (configs_only / c).mkdir(parents=True)
-        shutil.copy(tiny_pipeline / c / "config.json", configs_only / c)
-    shutil.copy(tiny_pipeline / "model_index.json", configs_only)
-    ckpt = open_checkpoint(comfy_file, config_dir=configs_only)
-    with pytest.raises(UserError, match="no tokenizer files .* pass --config DIR"):
+        (folder / c).mkdir(parents=True)
+        shutil.copy(tiny_pipeline / c / "config.json", folder / c)
+    shutil.copy(tiny_pipeline / "model_index.json", folder)
+    return folder
+
+
+def test_missing_tokenizers_are_a_clear_error_when_the_hub_cannot_help(comfy_file, configs_only, tmp_path):
+    ckpt = open_checkpoint(comfy_file, config_dir=configs_only)  # HF_ENDPOINT is a closed port in tests
+    with pytest.raises(UserError, match="no tokenizer files .*cannot be asked.* pass --config DIR"):
         write_checkpoint(ckpt, tmp_path / "p", "diffusers", config_dir=configs_only)
     assert not (tmp_path / "p").exists()
+
+
+def test_tokenizers_are_downloaded_from_the_sdxl_base_repo_once(hub_server, comfy_file, configs_only,
+                                                                tiny_pipeline, tmp_path):
+    from lightning_tools.catalog import SDXL_BASE_REPO
+
+    for folder in ("tokenizer", "tokenizer_2"):
+        for f in (tiny_pipeline / folder).iterdir():
+            hub_server.add_file(SDXL_BASE_REPO, f"{folder}/{f.name}", f.read_bytes())
+    ckpt = open_checkpoint(comfy_file, config_dir=configs_only)
+
+    write_checkpoint(ckpt, tmp_path / "a", "diffusers", config_dir=configs_only)
+    asked = len(hub_server.requests)
+    write_checkpoint(ckpt, tmp_path / "b", "diffusers", config_dir=configs_only)
+
+    for out in (tmp_path / "a", tmp_path / "b"):
+        assert (out / "tokenizer_2" / "vocab.json").is_file() and (out / "tokenizer" / "merges.txt").is_file()
+        for f in (*(out / "tokenizer").iterdir(), *(out / "tokenizer_2").iterdir()):
+            assert f.read_bytes() == (tiny_pipeline / f.parent.name / f.name).read_bytes()
+    assert len(hub_server.requests) == asked  # the second conversion found them in the cache
 
 
 def test_a_failed_write_leaves_no_output(tiny_pipeline, tmp_path):
