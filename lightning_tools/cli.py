@@ -306,7 +306,7 @@ def run_command(ctx: click.Context, recipe: Path, overrides: tuple[str, ...], dr
 
     loaded = load_recipe(recipe, overrides)
     echo = (lambda line: None) if as_json else (lambda line: click.echo(line, err=not dry_run))
-    results = run_recipe(loaded, dry_run=dry_run, echo=echo, obj=ctx.obj)
+    results = run_recipe(loaded, dry_run=dry_run, echo=echo, obj=ctx.obj, json_results=as_json)
     emit([{"step": r.name, "command": r.command, "status": r.status, "output": r.output, "argv": r.argv}
           for r in results], as_json, None if dry_run else f"recipe done: {sum(r.status == 'ran' for r in results)} "
           f"step(s) ran, {sum(r.status == 'skipped' for r in results)} skipped")
@@ -392,7 +392,7 @@ def demo(ctx: click.Context, folder: Path, as_json: bool) -> None:
     """Run merge, verify, convert, render, extract and a model card on a tiny model in FOLDER."""
     from lightning_tools.demo import run_demo
 
-    results = run_demo(folder, echo=(lambda line: None) if as_json else click.echo, obj=ctx.obj)
+    results = run_demo(folder, echo=(lambda line: None) if as_json else click.echo, obj=ctx.obj, json_results=as_json)
     emit([{"step": r.name, "command": r.command, "status": r.status, "output": r.output} for r in results],
          as_json, "\n".join(["", "demo done; what was made:"] + [
              f"  {r.name:<17} {r.command:<8} {r.output or '(check only)'}" for r in results]))

@@ -16,7 +16,8 @@ def demo_recipe() -> Path:
     return Path(str(resources.files("lightning_tools") / "demo.toml"))
 
 
-def run_demo(folder: Path, echo: Callable[[str], None], obj: dict | None = None) -> list[StepResult]:
+def run_demo(folder: Path, echo: Callable[[str], None], obj: dict | None = None,
+             json_results: bool = False) -> list[StepResult]:
     """Write the tiny model and LoRA into `folder` (once) and run the demo recipe there.
 
     Re-running reuses both, so the recipe skips every step: that is the recipe runner's cache at work.
@@ -31,4 +32,4 @@ def run_demo(folder: Path, echo: Callable[[str], None], obj: dict | None = None)
         write_tiny_lightning_lora(lora)
     recipe = load_recipe(demo_recipe(), [f"workdir={folder}", f"base={base}", f"lora={lora}"])
     echo(f"running the demo recipe {demo_recipe()} (the same runner as `lightning-tools run`)")
-    return run_recipe(recipe, echo=echo, obj=obj)
+    return run_recipe(recipe, echo=echo, obj=obj, json_results=json_results)

@@ -230,8 +230,12 @@ class StepResult:
 
 
 def run_recipe(recipe: Recipe, dry_run: bool = False, echo: Callable[[str], None] = lambda s: None,
-               obj: dict | None = None) -> list[StepResult]:
-    """Run (or with dry_run, plan) every step in order; returns what happened to each."""
+               obj: dict | None = None, json_results: bool = False) -> list[StepResult]:
+    """Run (or with dry_run, plan) every step in order; returns what happened to each.
+
+    Each command's own report is echoed, indented, under its step; with `json_results` the steps' results are
+    their `--json` output instead (a fetch always reports in JSON: its output path is read from it).
+    """
     commands = _commands()
     state_path = recipe.workdir / STATE_FILE
     state = json.loads(state_path.read_text()) if state_path.is_file() else {"steps": {}, "hashes": {}}
@@ -260,7 +264,10 @@ def run_recipe(recipe: Recipe, dry_run: bool = False, echo: Callable[[str], None
         replace = previous is not None and output is not None and Path(output).exists()
         full = argv + (["--overwrite"] if replace and "overwrite" in _params(command) else [])
         echo(f"[run]  {step.name}: lightning-tools {step.command} {' '.join(full)}")
-        result = _invoke(recipe, step, command, full, obj)
+        result = _invoke(recipe, step, command, full, obj, json_results or step.command == "fetch")
+        if isinstance(result, str):
+            for line in result.strip().splitlines():
+                echo(f"         {line}")
         if step.command == "fetch":
             names[step.name] = output = _fetched_path(result) or output
         results.append(StepResult(step.name, step.command, argv, "ran", names[step.name], result))
@@ -270,9 +277,10 @@ def run_recipe(recipe: Recipe, dry_run: bool = False, echo: Callable[[str], None
     return results
 
 
-def _invoke(recipe: Recipe, step: Step, command: click.Command, argv: list[str], obj: dict | None) -> Any:
-    """Run one command in-process, asking for --json so its result can be recorded."""
-    want_json = "as_json" in _params(command)
+def _invoke(recipe: Recipe, step: Step, command: click.Command, argv: list[str], obj: dict | None,
+            as_json: bool) -> Any:
+    """Run one command in-process; its printed report (parsed, with `as_json`) is the result."""
+    want_json = as_json and "as_json" in _params(command)
     buffer = io.StringIO()
     try:
         with contextlib.redirect_stdout(buffer):
