@@ -164,11 +164,11 @@ def lightning_targets(unet_config: Mapping) -> list[str]:
     """Module names the official Lightning LoRAs adapt, for a UNet of this config."""
     from diffusers import UNet2DConditionModel
 
-    from lightning_tools.tiny import lightning_lora_targets
+    from lightning_tools.lora import lightning_target_modules
 
     with torch.device("meta"):
         unet = UNet2DConditionModel.from_config(dict(unet_config))
-    return [name for name, _ in lightning_lora_targets(unet)]
+    return [name for name, _ in lightning_target_modules(unet)]
 
 
 def plan_targets(base: Checkpoint, tuned: Checkpoint, rank: int, conv_rank: int) -> list[Target]:

@@ -425,3 +425,13 @@ def convert_lora_file(src: Path | str, to: str, out: Path | str, overwrite: bool
     data_sha = write_lora(lora.modules, out, to, metadata, overwrite)
     return {"source": str(src), "from": lora.format, "to": to, "out": str(out), "modules": len(lora.modules),
             "sha256_data": data_sha}
+
+
+def lightning_target_modules(unet: torch.nn.Module) -> list[tuple[str, torch.nn.Module]]:
+    """The UNet modules the official Lightning LoRAs adapt: 788 on SDXL (attention, proj, ff, resnet convs and
+    time projections, conv shortcuts, down/upsampler convs)."""
+    leaves = ("to_q", "to_k", "to_v", "to_out.0", "proj_in", "proj_out", "ff.net.0.proj", "ff.net.2",
+              "conv1", "conv2", "conv_shortcut", "time_emb_proj", "downsamplers.0.conv", "upsamplers.0.conv")
+    blocks = ("down_blocks.", "up_blocks.", "mid_block.")
+    return [(name, m) for name, m in unet.named_modules()
+            if name.startswith(blocks) and name.endswith(leaves) and isinstance(m, (torch.nn.Linear, torch.nn.Conv2d))]

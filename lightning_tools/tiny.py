@@ -164,26 +164,18 @@ def _randomize(model: torch.nn.Module) -> None:
                 p.normal_(0, 0.02)
 
 
-def lightning_lora_targets(unet: torch.nn.Module) -> list[tuple[str, torch.nn.Module]]:
-    """The UNet modules the official Lightning LoRAs adapt: 788 on SDXL (attention, proj, ff, resnet convs and
-    time projections, conv shortcuts, down/upsampler convs)."""
-    leaves = ("to_q", "to_k", "to_v", "to_out.0", "proj_in", "proj_out", "ff.net.0.proj", "ff.net.2",
-              "conv1", "conv2", "conv_shortcut", "time_emb_proj", "downsamplers.0.conv", "upsamplers.0.conv")
-    blocks = ("down_blocks.", "up_blocks.", "mid_block.")
-    return [(name, m) for name, m in unet.named_modules()
-            if name.startswith(blocks) and name.endswith(leaves) and isinstance(m, (torch.nn.Linear, torch.nn.Conv2d))]
-
-
 def make_lightning_lora(unet_config: dict, rank: int = 4, alpha: float | None = None, seed: int = 0,
                         dtype: torch.dtype = torch.float16, scale: float = 0.05) -> dict[str, torch.Tensor]:
     """A random LoRA in the official Lightning format: kohya keys with diffusers module names."""
     from diffusers import UNet2DConditionModel
 
+    from lightning_tools.lora import lightning_target_modules
+
     with torch.device("meta"):
         unet = UNet2DConditionModel(**unet_config)
     gen = torch.Generator().manual_seed(seed)
     out: dict[str, torch.Tensor] = {}
-    for name, module in lightning_lora_targets(unet):
+    for name, module in lightning_target_modules(unet):
         key = "lora_unet_" + name.replace(".", "_")
         if isinstance(module, torch.nn.Conv2d):
             k = module.kernel_size

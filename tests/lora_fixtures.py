@@ -15,7 +15,8 @@ from safetensors.torch import save_file
 
 from lightning_tools.sdxl.keys import unet_names
 from lightning_tools.tensors import TensorSource
-from lightning_tools.tiny import lightning_lora_targets, make_lightning_lora
+from lightning_tools.lora import lightning_target_modules
+from lightning_tools.tiny import make_lightning_lora
 
 TE_LEAVES = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.out_proj", "mlp.fc1", "mlp.fc2")
 
@@ -58,7 +59,7 @@ def to_single_file_names(lora: dict, config: dict) -> dict:
         unet = UNet2DConditionModel(**config)
     to_single = unet_names(config).to_single
     renames = {"lora_unet_" + name.replace(".", "_"): "lora_unet_" + to_single(name).replace(".", "_")
-               for name, _ in lightning_lora_targets(unet)}
+               for name, _ in lightning_target_modules(unet)}
     out = {}
     for key, value in lora.items():
         stem, _, part = key.partition(".")

@@ -192,3 +192,17 @@ def test_bad_lora_files_are_refused(tiny_pipeline, tmp_path, keys, message):
     path = write(keys, tmp_path / "bad.safetensors")
     with pytest.raises(UserError, match=message):
         read_lora(path, _targets(tiny_pipeline), unet_config(tiny_pipeline))
+
+
+def test_the_lightning_target_set_on_sdxl_is_the_official_788_modules():
+    from diffusers import UNet2DConditionModel
+
+    from lightning_tools.lora import lightning_target_modules
+    from lightning_tools.tiny import sdxl_unet_config
+
+    with torch.device("meta"):
+        unet = UNet2DConditionModel(**sdxl_unet_config())
+    names = [name for name, _ in lightning_target_modules(unet)]
+    assert len(names) == 788  # the official LoRA files' module count
+    assert "down_blocks.1.attentions.0.transformer_blocks.0.attn1.to_q" in names
+    assert "up_blocks.0.upsamplers.0.conv" in names and "conv_in" not in names
