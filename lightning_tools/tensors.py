@@ -501,15 +501,30 @@ class _OrderedHash:
 def hash_file(path: Path | str, start: int = 0, progress=None) -> str:
     """sha256 hex of a file from byte `start` on, in large reads (OpenSSL's SHA-NI path: >1 GB/s)."""
     digest = hashlib.sha256()
-    buf = bytearray(_CHUNK)
-    view = memoryview(buf)
     with open(path, "rb", buffering=0) as f:
         f.seek(start)
-        while n := f.readinto(buf):
-            digest.update(view[:n])
-            if progress is not None:
-                progress.update(n)
+        _hash_into(f, [digest], progress)
     return digest.hexdigest()
+
+
+def hash_file_and_data(path: Path | str, data_start: int, progress=None) -> tuple[str, str]:
+    """(sha256 of the whole file, sha256 of its data after the header) in one read: the first identifies a
+    download, the second checks `modelspec.hash_sha256`."""
+    whole, data = hashlib.sha256(), hashlib.sha256()
+    with open(path, "rb", buffering=0) as f:
+        whole.update(f.read(data_start))
+        _hash_into(f, [whole, data], progress)
+    return whole.hexdigest(), data.hexdigest()
+
+
+def _hash_into(f, digests: list, progress) -> None:
+    buf = bytearray(_CHUNK)
+    view = memoryview(buf)
+    while n := f.readinto(buf):
+        for digest in digests:
+            digest.update(view[:n])
+        if progress is not None:
+            progress.update(n)
 
 
 @dataclass(frozen=True)

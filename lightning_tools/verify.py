@@ -22,7 +22,7 @@ from lightning_tools import metadata as meta
 from lightning_tools.errors import UserError
 from lightning_tools.progress import bar
 from lightning_tools.sdxl import detect
-from lightning_tools.tensors import HASH_KEY, SafetensorsFile, TensorSource, hash_file, weight_files
+from lightning_tools.tensors import HASH_KEY, SafetensorsFile, TensorSource, hash_file, hash_file_and_data, weight_files
 
 _HEX64 = re.compile(r"[0-9a-f]{64}")
 _SCAN_CHUNK = 1 << 24  # elements per NaN/Inf test: bounds the temporary mask and any float8 upcast
@@ -161,7 +161,9 @@ def _check_identity(f: SafetensorsFile, report: FileReport) -> None:
             report.identity.append({"reference": f"catalogue: {catalog.REPO_ID}/{official.filename}",
                                     "sha256": digest})
     elif _HEX64.fullmatch(spec):
-        digest = _hash(f.path, f.data_start, size - f.data_start)
+        with bar(size, desc=f"sha256 {f.path.name}") as progress:
+            whole_file, digest = hash_file_and_data(f.path, f.data_start, progress)
+        report.sha256 = whole_file if len(report.files) == 1 else None  # publish reuses it: no second read
         references = [(f"{HASH_KEY} in the header", spec)]
     else:
         report.notes.append(f"{name}no reference hash (not in the catalogue, no fetch manifest, no modelspec hash)")

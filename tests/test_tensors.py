@@ -165,3 +165,12 @@ def test_write_tensors_copies_stored_and_casts_floats_only(sample, tmp_path):
     got = load_file(str(out))
     assert got["renamed_a"].dtype == torch.float16 and got["b"].dtype == torch.int64
     assert torch.equal(got["a_doubled"], (tensors["a"] * 2).half())
+
+
+def test_one_read_gives_the_file_hash_and_the_data_hash(sample):
+    from lightning_tools.tensors import hash_file_and_data
+
+    path, _ = sample
+    start = SafetensorsFile(path).data_start
+
+    assert hash_file_and_data(path, start) == (hash_file(path), hash_file(path, start))
