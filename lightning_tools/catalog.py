@@ -182,7 +182,7 @@ def settings_from_name(filename: str) -> Settings | None:
     return recommended_settings(int(match.group(1)), "sample" if _X0_IN_NAME.search(name) else "epsilon")
 
 
-def _settings_from_metadata(metadata: dict[str, str]) -> Settings | None:
+def settings_from_metadata(metadata: dict[str, str]) -> Settings | None:
     try:
         if meta.SETTINGS in metadata:
             return Settings.from_dict(json.loads(metadata[meta.SETTINGS]))
@@ -203,7 +203,7 @@ def settings_for(path: Path | str, metadata: dict[str, str] | None = None,
     path = Path(path)
     if metadata is None:
         metadata = _read_metadata(path)
-    found = _settings_from_metadata(metadata)
+    found = settings_from_metadata(metadata)
     if found:
         return found, "metadata"
     entry = by_sha256(sha256) if sha256 else by_filename(path.name)

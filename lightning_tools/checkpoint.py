@@ -268,11 +268,11 @@ def _write_folder(ckpt: Checkpoint, out: Path, dtype: str | None, metadata: dict
 def _write_lightning_scheduler(path: Path, metadata: Mapping[str, str]) -> None:
     """A Lightning model's folder gets its sampler (Euler, trailing, its prediction type) in scheduler_config,
     so a plain `from_pretrained` samples it correctly; other models keep the copied config."""
-    from lightning_tools.catalog import Settings
+    from lightning_tools.catalog import settings_from_metadata
 
-    if meta.SETTINGS not in metadata or not path.is_file():
+    settings = settings_from_metadata(metadata)
+    if settings is None or not path.is_file():
         return
-    settings = Settings.from_dict(json.loads(metadata[meta.SETTINGS]))
     path.write_text(json.dumps(settings.scheduler_config(json.loads(path.read_text())), indent=2) + "\n")
 
 

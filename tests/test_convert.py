@@ -252,3 +252,18 @@ def test_a_lightning_model_converted_to_diffusers_keeps_its_history_and_sampler(
     assert sources[1]["strength"] == 0.8 and sources[2]["file"] == merged.name
     base_scheduler = json.loads((tiny_pipeline / "scheduler" / "scheduler_config.json").read_text())
     assert base_scheduler["timestep_spacing"] == "leading"  # the input folder is untouched
+
+
+def test_unreadable_lightning_settings_in_the_input_do_not_break_a_conversion(cli, comfy_file, tiny_pipeline,
+                                                                              tmp_path):
+    from lightning_tools.tensors import LazyTensor, write_tensors
+
+    source = SafetensorsFile(comfy_file)
+    odd = tmp_path / "odd.safetensors"
+    write_tensors(odd, {k: LazyTensor.of(source, k) for k in source}, {meta.SETTINGS: "{not json"})
+    out = tmp_path / "out"
+
+    cli("convert", odd, "--to", "diffusers", "--config", tiny_pipeline, "--out", out, ok=True)
+
+    scheduler = json.loads((out / "scheduler" / "scheduler_config.json").read_text())
+    assert scheduler["timestep_spacing"] == "leading"  # nothing trustworthy says it is a Lightning model
