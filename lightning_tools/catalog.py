@@ -18,7 +18,6 @@ REPO_ID = "ByteDance/SDXL-Lightning"
 REVISION = "c9a24f48e1c025556787b0c58dd67a091ece2e44"
 SDXL_BASE_REPO = "stabilityai/stable-diffusion-xl-base-1.0"  # what every Lightning model was distilled from
 KINDS = ("unet", "lora", "full")
-KIND_HELP = {"unet": "diffusers UNet", "lora": "LoRA", "full": "ComfyUI all-in-one checkpoint"}
 
 
 @dataclass(frozen=True)

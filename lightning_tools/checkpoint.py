@@ -16,15 +16,13 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
-from lightning_tools import metadata as meta
 from lightning_tools.catalog import SDXL_BASE_REPO
 from lightning_tools.errors import UserError
 from lightning_tools.sdxl import SDXL_BASE_CONFIGS
 from lightning_tools.sdxl import keys as K
-from lightning_tools.sdxl.detect import check_component, detect
+from lightning_tools.sdxl.detect import COMPONENTS, check_component, detect
 from lightning_tools.tensors import DTYPE_NAMES, LazyTensor, TensorSource, atomic_output, write_tensors
 
-COMPONENTS = ("unet", "vae", "text_encoder", "text_encoder_2")
 TARGETS = ("diffusers", "comfyui", "comfyui-unet")
 WEIGHTS_NAME = {"unet": "diffusion_pytorch_model.safetensors", "vae": "diffusion_pytorch_model.safetensors",
                 "text_encoder": "model.safetensors", "text_encoder_2": "model.safetensors"}
@@ -202,7 +200,7 @@ def write_checkpoint(ckpt: Checkpoint, out: Path | str, to: str, dtype: str | No
     metadata = dict(metadata or {})
     if to == "comfyui":
         _require(ckpt, COMPONENTS, "a ComfyUI checkpoint")
-        tensors, unknown = K.to_single_file(ckpt.components, ckpt.configs)
+        tensors, _ = K.to_single_file(ckpt.components, ckpt.configs)
         return _write_file(out, tensors, metadata, dtype, overwrite, to)
     _require(ckpt, ("unet",), "this output")
     if to == "comfyui-unet":

@@ -24,7 +24,7 @@ import torch
 
 from lightning_tools import metadata as meta
 from lightning_tools.errors import UserError
-from lightning_tools.tensors import TORCH_DTYPE, LazyTensor, SafetensorsFile, TensorInfo, read_tensor, write_tensors
+from lightning_tools.tensors import TORCH_DTYPE, LazyTensor, SafetensorsFile, read_tensor, write_tensors
 
 LORA_COMPONENTS = ("unet", "text_encoder", "text_encoder_2")
 TE_PREFIX = "text_model."
@@ -233,15 +233,10 @@ def _split_peft(key: str) -> tuple[str, str] | None:
     return None
 
 
-def lazy(info: TensorInfo) -> LazyTensor:
-    """A stored tensor that loads with `read_tensor`."""
-    return LazyTensor(info.dtype, info.shape, lambda: read_tensor(info), info)
-
-
 def _module(path: Path, source: SafetensorsFile, component: str, module: str, name: str,
             parts: dict[str, str], alpha: float | None) -> LoraModule:
-    down, up = lazy(source[parts["down"]]), lazy(source[parts["up"]])
-    mid = lazy(source[parts["mid"]]) if "mid" in parts else None
+    down, up = LazyTensor.of(source, parts["down"]), LazyTensor.of(source, parts["up"])
+    mid = LazyTensor.of(source, parts["mid"]) if "mid" in parts else None
     inner = mid.shape[:2] if mid else (down.shape[0], down.shape[0])
     if len(down.shape) not in (2, 4) or len(up.shape) != len(down.shape) or up.shape[1] != inner[0] \
             or inner[1] != down.shape[0] or (len(up.shape) == 4 and up.shape[2:] != (1, 1)):

@@ -27,7 +27,7 @@ from PIL import Image, ImageDraw
 from lightning_tools import catalog, checkpoint, hub, lora
 from lightning_tools.errors import UserError
 from lightning_tools.progress import bar
-from lightning_tools.sdxl import SDXL_BASE_CONFIGS, detect
+from lightning_tools.sdxl import detect
 from lightning_tools.tensors import HASH_KEY, TensorSource, atomic_output, read_header, weight_files
 
 DEFAULT_PROMPTS = (
@@ -172,23 +172,23 @@ def _known_sha256(path: Path) -> str | None:
 
 
 def _config_dir(path: Path, config: Path | None) -> Path:
-    """Diffusers configs with tokenizers for `from_single_file`: --config, the bundled SDXL configs, or a cached
-    copy of the SDXL base repo. Never the network: diffusers would download when a repo id misses the cache."""
+    """Diffusers configs with tokenizers for `from_single_file`: --config, or a cached copy of the SDXL base repo
+    (the bundled configs have no tokenizers). Never the network: diffusers would download when a repo id misses
+    the cache."""
     if config is not None:
         if not _has_tokenizers(config):
             raise UserError(f"{config}: --config needs a diffusers SDXL folder with model_index.json, tokenizer/ and "
                             "tokenizer_2/ (configs and tokenizers are enough, no weights)")
         return config
-    candidates = [SDXL_BASE_CONFIGS]
     with contextlib.suppress(Exception):  # not in the local hub cache
         from huggingface_hub import snapshot_download
 
-        candidates.append(Path(snapshot_download(checkpoint.SDXL_BASE_REPO, local_files_only=True)))
-    for candidate in candidates:
-        if _has_tokenizers(candidate):
-            return candidate
+        cached = Path(snapshot_download(catalog.SDXL_BASE_REPO, local_files_only=True,
+                                        cache_dir=hub.HubEnv.current().cache_dir))
+        if _has_tokenizers(cached):
+            return cached
     raise UserError(f"{path}: rendering an all-in-one file needs the SDXL tokenizers, which are not available "
-                    f"offline; pass --config DIR (a diffusers copy of {checkpoint.SDXL_BASE_REPO}: configs and "
+                    f"offline; pass --config DIR (a diffusers copy of {catalog.SDXL_BASE_REPO}: configs and "
                     "tokenizers)")
 
 
