@@ -107,6 +107,18 @@ class Settings:
         return dict(base) | {"_class_name": self.scheduler, "timestep_spacing": self.timestep_spacing,
                              "prediction_type": self.prediction_type}
 
+    def comfyui(self) -> dict:
+        """ComfyUI's KSampler inputs for these settings, plus the ModelSamplingDiscrete sampling the model needs
+        (None: ComfyUI's default eps). A guidance scale above 1 means CFG is on, and then it is ComfyUI's cfg."""
+        return {
+            "sampler_name": self.comfy_sampler,
+            "scheduler": self.comfy_scheduler,
+            "steps": self.steps,
+            "cfg": self.comfy_cfg if self.guidance_scale <= 1 else self.guidance_scale,
+            "denoise": 1.0,
+            "model_sampling": "x0" if self.prediction_type == "sample" else None,
+        }
+
     def describe(self) -> str:
         """One line a person can follow in diffusers or ComfyUI."""
         sample = ", prediction_type=sample" if self.prediction_type == "sample" else ""

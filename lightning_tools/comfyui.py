@@ -16,18 +16,6 @@ from lightning_tools.render import Model, Plan
 from lightning_tools.tensors import atomic_output
 
 
-def sampler_settings(settings: Settings) -> dict[str, Any]:
-    """KSampler inputs, plus the ModelSamplingDiscrete sampling a model needs (None: ComfyUI's default eps)."""
-    return {
-        "sampler_name": settings.comfy_sampler,
-        "scheduler": settings.comfy_scheduler,
-        "steps": settings.steps,
-        "cfg": settings.comfy_cfg if settings.guidance_scale <= 1 else settings.guidance_scale,
-        "denoise": 1.0,
-        "model_sampling": "x0" if settings.prediction_type == "sample" else None,
-    }
-
-
 def file_names(model: Model) -> tuple[dict[str, str], list[str]]:
     """The names the workflow's loaders use (files in ComfyUI's models/ folders), and notes on what to do first."""
     notes = []
@@ -49,7 +37,7 @@ def workflow(model: Model, settings: Settings, prompt: str, seed: int = 0, width
              height: int = 1024) -> dict[str, dict]:
     """A minimal ComfyUI API-format workflow (node id -> class_type and inputs; links are [node id, output])."""
     names, _ = file_names(model)
-    sampler = sampler_settings(settings)
+    sampler = settings.comfyui()
     nodes: dict[str, dict] = {}
 
     def add(class_type: str, **inputs: Any) -> str:
@@ -82,7 +70,7 @@ def export(plan: Plan, prompt: str, seed: int = 0, width: int = 1024, height: in
            workflow_path: Path | None = None, overwrite: bool = False) -> dict:
     """The ComfyUI settings for `plan` as data, and the workflow written to `workflow_path` when given."""
     result = {"model": plan.model.identity(), "settings": plan.settings.as_dict(),
-              "comfyui": sampler_settings(plan.settings), "warnings": list(plan.warnings)}
+              "comfyui": plan.settings.comfyui(), "warnings": list(plan.warnings)}
     if workflow_path is not None:
         flow = workflow(plan.model, plan.settings, prompt, seed, width, height)
         with atomic_output(workflow_path, overwrite) as tmp:
@@ -93,7 +81,7 @@ def export(plan: Plan, prompt: str, seed: int = 0, width: int = 1024, height: in
 
 def describe(model: Model, settings: Settings) -> str:
     """What to set in ComfyUI, for people."""
-    sampler = sampler_settings(settings)
+    sampler = settings.comfyui()
     names, notes = file_names(model)
     lines = [f"ComfyUI equivalent of rendering {model.path.name}:",
              f"  KSampler: sampler {sampler['sampler_name']}, scheduler {sampler['scheduler']}, "

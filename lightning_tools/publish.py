@@ -240,14 +240,15 @@ def _intro(layout: str, settings: Settings, metadata: dict[str, str]) -> str:
 
 
 def _settings_table(s: Settings, source: str) -> list[str]:
-    sample = s.prediction_type == "sample"
+    comfy = s.comfyui()
     return ["## Recommended settings", "", "| | diffusers | ComfyUI |", "|---|---|---|",
             f"| steps | `num_inference_steps={s.steps}` | steps {s.steps} |",
             f"| sampler | `{s.scheduler}` with `timestep_spacing=\"{s.timestep_spacing}\"` | "
-            f"sampler `{s.comfy_sampler}`, scheduler `{s.comfy_scheduler}` |",
-            f"| guidance | `guidance_scale={s.guidance_scale:g}` (no classifier-free guidance) | CFG {s.comfy_cfg:g} |",
+            f"sampler `{comfy['sampler_name']}`, scheduler `{comfy['scheduler']}` |",
+            f"| guidance | `guidance_scale={s.guidance_scale:g}` (no classifier-free guidance) | CFG {comfy['cfg']:g} |",
             f"| prediction | `prediction_type=\"{s.prediction_type}\"` | "
-            + ("ModelSamplingDiscrete node, sampling `x0` |" if sample else "default (eps) |"),
+            + (f"ModelSamplingDiscrete node, sampling `{comfy['model_sampling']}` |" if comfy["model_sampling"]
+               else "default (eps) |"),
             "", f"(settings from the {source})" if source != "--steps" else "(settings stated by the publisher)"]
 
 
@@ -292,8 +293,9 @@ def _diffusers_snippet(layout: str, repo_id: str, revision: str, weights: list[U
 
 def _comfyui_steps(layout: str, weights: list[Upload], s: Settings) -> list[str]:
     file = f"`{weights[0].path_in_repo}`" if weights else "the file"
-    sampler = (f"In the KSampler node set steps {s.steps}, cfg {s.comfy_cfg:g}, sampler_name `{s.comfy_sampler}`, "
-               f"scheduler `{s.comfy_scheduler}`.")
+    comfy = s.comfyui()
+    sampler = (f"In the KSampler node set steps {comfy['steps']}, cfg {comfy['cfg']:g}, sampler_name "
+               f"`{comfy['sampler_name']}`, scheduler `{comfy['scheduler']}`.")
     place = {
         "single-file": [f"1. Put {file} in `ComfyUI/models/checkpoints` and load it with **Load Checkpoint**."],
         "lora": ["1. Load your SDXL base with **Load Checkpoint**.",
@@ -306,9 +308,9 @@ def _comfyui_steps(layout: str, weights: list[Upload], s: Settings) -> list[str]
                       "comfyui --out model.safetensors`, then put it in `ComfyUI/models/checkpoints`."],
     }[layout]
     steps = [*place, f"1. {sampler}"]
-    if s.prediction_type == "sample":
+    if comfy["model_sampling"]:
         steps.append("1. This is an x0 (sample-prediction) model: add **ModelSamplingDiscrete** with sampling "
-                     "`x0` between the model loader and the KSampler.")
+                     f"`{comfy['model_sampling']}` between the model loader and the KSampler.")
     return steps
 
 
