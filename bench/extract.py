@@ -33,7 +33,8 @@ import torch
 sys.path.insert(0, str(Path(__file__).parent))
 from convert import size_of  # noqa: E402  (bench/convert.py)
 
-from lightning_tools.extract import EXTRACT_KEY, lightning_targets, truncated_svd  # noqa: E402
+from lightning_tools.extract import lightning_targets, truncated_svd  # noqa: E402
+from lightning_tools.metadata import EXTRACT  # noqa: E402
 from lightning_tools.tensors import LazyTensor, TensorSource, read_header, write_tensors  # noqa: E402
 from lightning_tools.tiny import sdxl_unet_config  # noqa: E402
 
@@ -178,7 +179,7 @@ def main() -> None:
                    "--rank", str(args.rank), "--device", args.device, "--out", str(out)]
         print("$ " + " ".join(command), flush=True)
         row = run_sampled(f"extract --rank {args.rank}", command)
-        report = json.loads(read_header(out)[1][EXTRACT_KEY])
+        report = json.loads(read_header(out)[1][EXTRACT])
         report.pop("per_module")
         summary = {"width": args.width, "cores": len(os.sched_getaffinity(0)),
                    "threads": torch.get_num_threads(), **row, "minutes": round(row["wall_s"] / 60, 2),

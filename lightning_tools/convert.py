@@ -85,9 +85,9 @@ def output_metadata(src: Path, metadata: dict[str, str], sources: list[meta.Sour
     """ModelSpec + provenance for the output, keeping the input's own keys (title, description, steps...)."""
     from lightning_tools.catalog import settings_for
 
-    title = metadata.get("modelspec.title") or src.name.removesuffix(".safetensors")
+    title = metadata.get(meta.TITLE) or src.name.removesuffix(".safetensors")
     out = meta.modelspec(title, implementation=implementation)
-    out.update({k: v for k, v in meta.carried_over(metadata).items() if k != "modelspec.implementation"})
+    out.update({k: v for k, v in meta.carried_over(metadata).items() if k != meta.IMPLEMENTATION})
     out.pop("format", None)  # a diffusers/transformers file marker, not a property of the model
     found = settings_for(src, metadata, sources[0].sha256)
     settings = found[0] if found else None

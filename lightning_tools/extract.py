@@ -33,7 +33,6 @@ from lightning_tools.tensors import (CODE_OF, DTYPE_NAMES, FLOAT_CODES, TORCH_DT
 
 FORMATS = ("kohya", "peft")
 # Our metadata key for the extraction report (JSON): settings, overall error/energy, per-module table.
-EXTRACT_KEY = "lightning.extract"
 # Randomized SVD: extra random directions beyond the rank, and power iterations, which sharpen the subspace when
 # the spectrum decays slowly. On the full-size bench (rank 64, low rank + noise deltas) 2 iterations land within
 # 0.2-1.4% of the optimal error at 1/7 of exact SVD's time; 4 would halve that gap for 1.6x the SVD time.
@@ -346,7 +345,7 @@ def _metadata(out: Path, base: Path, tuned: Path, base_ckpt: Checkpoint, tuned_c
     report = summary | {"per_module": {"columns": ["rank", "error", "energy"], "rows": table}}
     metadata = meta.modelspec(out.stem, lora=True) | meta.provenance(
         "extract", sources, settings.steps if settings else None, settings.prediction_type if settings else None,
-        settings.as_dict() if settings else None) | {EXTRACT_KEY: json.dumps(report, separators=(",", ":"))}
+        settings.as_dict() if settings else None) | {meta.EXTRACT: json.dumps(report, separators=(",", ":"))}
     return metadata, settings.as_dict() if settings else None
 
 

@@ -412,7 +412,7 @@ def convert_lora_file(src: Path | str, to: str, out: Path | str, overwrite: bool
     sha = source_sha256(src, lora.metadata)
     found = settings_for(src, lora.metadata, sha)
     settings = found[0] if found else None
-    title = lora.metadata.get("modelspec.title") or src.name.removesuffix(".safetensors")
+    title = lora.metadata.get(meta.TITLE) or src.name.removesuffix(".safetensors")
     metadata = meta.carried_over(lora.metadata) | meta.modelspec(title, lora=True) | meta.provenance(
         "convert", [meta.Source("source", src.name, sha)], steps=settings.steps if settings else None,
         prediction_type=settings.prediction_type if settings else None,

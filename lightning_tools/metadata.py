@@ -16,6 +16,11 @@ from lightning_tools.tensors import HASH_KEY
 
 ARCH_BASE = "stable-diffusion-xl-v1-base"
 ARCH_LORA = ARCH_BASE + "/lora"
+# ModelSpec keys read elsewhere (modelspec.hash_sha256 is tensors.HASH_KEY: the writer fills it in).
+TITLE = "modelspec.title"
+DESCRIPTION = "modelspec.description"
+ARCHITECTURE = "modelspec.architecture"
+IMPLEMENTATION = "modelspec.implementation"
 
 # Our own keys. Values are strings (safetensors metadata is str -> str); structured values are JSON.
 STEPS = "lightning.steps"                   # "4"
@@ -23,6 +28,7 @@ PREDICTION_TYPE = "lightning.prediction_type"  # "epsilon" | "sample"
 SETTINGS = "lightning.settings"             # JSON: recommended sampler settings (catalog.Settings.as_dict())
 SOURCES = "lightning.sources"               # JSON list of Source dicts
 TOOL = "lightning.tool"                     # "lightning-tools 0.1.0 merge"
+EXTRACT = "lightning.extract"               # JSON: an extracted LoRA's rank and error report
 
 
 @dataclass(frozen=True)
@@ -40,16 +46,16 @@ def modelspec(title: str, lora: bool = False, implementation: str = "sgm", resol
     """ModelSpec 1.0 keys. `modelspec.hash_sha256` is present so the writer fills it with the data hash."""
     spec = {
         "modelspec.sai_model_spec": "1.0.0",
-        "modelspec.architecture": ARCH_LORA if lora else ARCH_BASE,
-        "modelspec.implementation": "https://github.com/Stability-AI/generative-models" if implementation == "sgm"
+        ARCHITECTURE: ARCH_LORA if lora else ARCH_BASE,
+        IMPLEMENTATION: "https://github.com/Stability-AI/generative-models" if implementation == "sgm"
         else "https://github.com/huggingface/diffusers",
-        "modelspec.title": title,
+        TITLE: title,
         "modelspec.resolution": resolution,
         "modelspec.date": _dt.date.today().isoformat(),
         HASH_KEY: "",
     }
     if description:
-        spec["modelspec.description"] = description
+        spec[DESCRIPTION] = description
     return spec
 
 

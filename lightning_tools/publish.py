@@ -189,7 +189,7 @@ def render_card(repo_id: str, revision: str, layout: str, metadata: dict[str, st
         front.append("base_model_relation: merge")
     front += ["tags:", *[f"- {t}" for t in tags], "library_name: diffusers", "pipeline_tag: text-to-image", "---"]
 
-    title = metadata.get("modelspec.title") or repo_id.split("/")[-1]
+    title = metadata.get(meta.TITLE) or repo_id.split("/")[-1]
     weights = [u for u in uploads if u.local is not None and u.path_in_repo != _SHEET_IN_REPO]
     lines = [*front, "", f"# {title}", "", _intro(layout, settings, metadata), ""]
     if sources:
@@ -235,7 +235,7 @@ def _intro(layout: str, settings: Settings, metadata: dict[str, str]) -> str:
     text = (f"A {settings.steps}-step SDXL-Lightning model: {_WHAT[layout]}. Sample it with exactly "
             f"{settings.steps} step{'s' if settings.steps > 1 else ''}: Lightning models are distilled for a fixed "
             "step count, and other counts give worse images.")
-    description = metadata.get("modelspec.description")
+    description = metadata.get(meta.DESCRIPTION)
     return f"{description}\n\n{text}" if description else text
 
 

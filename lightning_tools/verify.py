@@ -217,7 +217,7 @@ def _claims_sdxl(path: Path, source: TensorSource) -> str | None:
     """What says this file is SDXL: its catalogue name or its ModelSpec architecture."""
     if catalog.by_filename(path.name) is not None:
         return "its catalogue file name"
-    if source.metadata.get("modelspec.architecture", "").startswith(meta.ARCH_BASE):
+    if source.metadata.get(meta.ARCHITECTURE, "").startswith(meta.ARCH_BASE):
         return "its modelspec.architecture"
     return None
 

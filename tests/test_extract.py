@@ -14,7 +14,7 @@ from click.testing import CliRunner
 from lightning_tools import metadata as meta
 from lightning_tools.cli import main
 from lightning_tools.errors import UserError
-from lightning_tools.extract import (EXTRACT_KEY, ModuleReport, clamp_at_quantile, extract_lora, factorize,
+from lightning_tools.extract import (ModuleReport, clamp_at_quantile, extract_lora, factorize,
                                      lightning_targets, overall)
 from lightning_tools.lora import read_lora
 from lightning_tools.tensors import LazyTensor, SafetensorsFile, TensorSource, hash_file, read_header, write_tensors
@@ -124,7 +124,7 @@ def test_metadata_explains_the_file(exact, tuned_unet):
     sources = {s["role"]: s for s in meta.read_sources(metadata)}
     assert sources["tuned"]["sha256"] == hash_file(tuned_unet) and set(sources) == {"base", "tuned"}
     assert metadata[meta.STEPS] == "4" and report["settings"]["steps"] == 4  # from the tuned file's name
-    stored = json.loads(metadata[EXTRACT_KEY])
+    stored = json.loads(metadata[meta.EXTRACT])
     assert stored["error"] == report["error"] and stored["rank"] == TRUE_RANK
     assert set(stored["per_module"]["rows"]) == {r["module"] for r in report["per_module"]}
 
