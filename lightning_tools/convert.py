@@ -92,9 +92,7 @@ def output_metadata(src: Path, metadata: dict[str, str], sources: list[meta.Sour
     found = settings_for(src, metadata, sources[0].sha256)
     settings = found[0] if found else None
     earlier = [meta.Source(**s) for s in meta.read_sources(metadata)]  # a merge's base and LoRAs stay on record
-    out.update(meta.provenance("convert", earlier + sources, steps=settings.steps if settings else None,
-                               prediction_type=settings.prediction_type if settings else None,
-                               settings=settings.as_dict() if settings else None))
+    out.update(meta.lightning_provenance("convert", earlier + sources, settings))
     return out
 
 

@@ -343,9 +343,8 @@ def _metadata(out: Path, base: Path, tuned: Path, base_ckpt: Checkpoint, tuned_c
     settings = found[0] if found else None
     table = {r.module: [r.rank, _round(r.error), _round(r.energy)] for r in reports}
     report = summary | {"per_module": {"columns": ["rank", "error", "energy"], "rows": table}}
-    metadata = meta.modelspec(out.stem, lora=True) | meta.provenance(
-        "extract", sources, settings.steps if settings else None, settings.prediction_type if settings else None,
-        settings.as_dict() if settings else None) | {meta.EXTRACT: json.dumps(report, separators=(",", ":"))}
+    metadata = meta.modelspec(out.stem, lora=True) | meta.lightning_provenance(
+        "extract", sources, settings) | {meta.EXTRACT: json.dumps(report, separators=(",", ":"))}
     return metadata, settings.as_dict() if settings else None
 
 

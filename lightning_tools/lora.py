@@ -413,10 +413,8 @@ def convert_lora_file(src: Path | str, to: str, out: Path | str, overwrite: bool
     found = settings_for(src, lora.metadata, sha)
     settings = found[0] if found else None
     title = lora.metadata.get(meta.TITLE) or src.name.removesuffix(".safetensors")
-    metadata = meta.carried_over(lora.metadata) | meta.modelspec(title, lora=True) | meta.provenance(
-        "convert", [meta.Source("source", src.name, sha)], steps=settings.steps if settings else None,
-        prediction_type=settings.prediction_type if settings else None,
-        settings=settings.as_dict() if settings else None)
+    metadata = meta.carried_over(lora.metadata) | meta.modelspec(title, lora=True) | meta.lightning_provenance(
+        "convert", [meta.Source("source", src.name, sha)], settings)
     data_sha = write_lora(lora.modules, out, to, metadata, overwrite)
     return {"source": str(src), "from": lora.format, "to": to, "out": str(out), "modules": len(lora.modules),
             "sha256_data": data_sha}

@@ -252,9 +252,7 @@ def _metadata(base: Path, ckpt: Checkpoint, files: Sequence[LoraFile], strengths
         settings = found[0] if found else settings
     title = out.name.removesuffix(".safetensors")
     spec = meta.modelspec(title, implementation="diffusers" if to_format == "diffusers" else "sgm")
-    return spec | meta.provenance("merge", sources, steps=settings.steps if settings else None,
-                                  prediction_type=settings.prediction_type if settings else None,
-                                  settings=settings.as_dict() if settings else None)
+    return spec | meta.lightning_provenance("merge", sources, settings)
 
 
 def describe(report: dict) -> str:

@@ -73,6 +73,13 @@ def provenance(command: str, sources: Sequence[Source], steps: int | None = None
     return meta
 
 
+def lightning_provenance(command: str, sources: Sequence[Source], settings=None) -> dict[str, str]:
+    """`provenance` with the Lightning keys taken from a `catalog.Settings` (None: not a Lightning model)."""
+    if settings is None:
+        return provenance(command, sources)
+    return provenance(command, sources, settings.steps, settings.prediction_type, settings.as_dict())
+
+
 def carried_over(metadata: Mapping[str, str]) -> dict[str, str]:
     """The input's metadata that still applies to a re-encoded copy: everything but the data hash."""
     return {k: v for k, v in metadata.items() if k != HASH_KEY}
