@@ -25,7 +25,7 @@ import torch
 from PIL import Image, ImageDraw
 
 from lightning_tools import catalog, checkpoint, hub, lora
-from lightning_tools.errors import UserError
+from lightning_tools.errors import ChecksFailed, UserError
 from lightning_tools.progress import bar
 from lightning_tools.sdxl import detect
 from lightning_tools.tensors import HASH_KEY, TensorSource, atomic_output, read_header, weight_files
@@ -45,12 +45,6 @@ TORCH_DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.flo
 RANGE_LIMIT = 1.5
 MAX_OUT_OF_RANGE = 0.05  # fraction of values allowed beyond +-RANGE_LIMIT
 MIN_STD = 0.01  # pixel standard deviation on a 0-1 scale; below it the image is blank
-
-
-class ChecksFailed(UserError):
-    """The render finished but an image failed a check: exit code 3, so CI can tell it from a usage error."""
-
-    exit_code = 3
 
 
 @dataclass(frozen=True)

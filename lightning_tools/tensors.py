@@ -22,7 +22,7 @@ from pathlib import Path
 
 import torch
 
-from lightning_tools.errors import UserError
+from lightning_tools.errors import CorruptFile, UserError
 
 ITEM_SIZE = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "F8_E4M3": 1, "F8_E5M2": 1,
              "I64": 8, "I32": 4, "I16": 2, "I8": 1, "U64": 8, "U32": 4, "U16": 2, "U8": 1, "BOOL": 1}
@@ -39,10 +39,6 @@ HASH_KEY = "modelspec.hash_sha256"
 _HASH_PLACEHOLDER = "0x" + "0" * 64
 _MAX_HEADER = 100 * 1024 * 1024
 _CHUNK = 16 * 1024 * 1024
-
-
-class CorruptFile(UserError):
-    """The file is not a well-formed safetensors file (truncated, padded, bad header)."""
 
 
 @dataclass(frozen=True)
@@ -70,7 +66,7 @@ class TensorInfo:
 
 
 def _corrupt(path: Path, what: str) -> CorruptFile:
-    return CorruptFile(f"{path}: {what}; the file is damaged or not safetensors: download or export it again")
+    return CorruptFile(f"{what}; the file is damaged or not safetensors: download or export it again", path=path)
 
 
 def read_header(path: Path) -> tuple[dict[str, TensorInfo], dict[str, str], int]:

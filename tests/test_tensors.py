@@ -6,7 +6,8 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from lightning_tools.errors import UserError
-from lightning_tools.tensors import (HASH_KEY, CorruptFile, Planned, SafetensorsFile, SafetensorsWriter,
+from lightning_tools.errors import CorruptFile
+from lightning_tools.tensors import (HASH_KEY, Planned, SafetensorsFile, SafetensorsWriter,
                                      TensorSource, atomic_output, hash_file, read_header)
 
 
