@@ -23,7 +23,7 @@ from pathlib import Path
 import torch
 
 from lightning_tools import metadata as meta
-from lightning_tools.errors import UserError
+from lightning_tools.errors import CorruptFile, UserError
 from lightning_tools.tensors import TORCH_DTYPE, LazyTensor, SafetensorsFile, read_tensor, write_tensors
 
 LORA_COMPONENTS = ("unet", "text_encoder", "text_encoder_2")
@@ -252,9 +252,16 @@ def _read_kohya(path: Path, source: SafetensorsFile, names: _KohyaNames) -> tupl
         if resolved is None:
             unresolved.append(stem)
             continue
-        alpha = float(read_tensor(source[parts["alpha"]]).item()) if "alpha" in parts else None
+        alpha = _alpha(path, source, parts["alpha"]) if "alpha" in parts else None
         modules.append(_module(path, source, *resolved, stem, parts, alpha))
     return modules, unresolved
+
+
+def _alpha(path: Path, source: SafetensorsFile, key: str) -> float:
+    info = source[key]
+    if info.numel != 1:
+        raise CorruptFile(f"{key} holds {info.numel} values, but a LoRA alpha is one number", path=path)
+    return float(read_tensor(info).item())
 
 
 def _read_peft(path: Path, source: SafetensorsFile) -> list[LoraModule]:
@@ -266,7 +273,7 @@ def _read_peft(path: Path, source: SafetensorsFile) -> list[LoraModule]:
             module = te_canonical(module)
         rank = source[parts["down"]].shape[0]
         if "alpha" in parts:
-            alpha = float(read_tensor(source[parts["alpha"]]).item())
+            alpha = _alpha(path, source, parts["alpha"])
         else:
             alpha = _peft_alpha(settings, component, module, rank)
         modules.append(_module(path, source, component, module, name, parts, alpha))

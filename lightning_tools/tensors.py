@@ -13,7 +13,6 @@ import hashlib
 import json
 import math
 import os
-import shutil
 import struct
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -22,105 +21,18 @@ from pathlib import Path
 
 import torch
 
-from lightning_tools.errors import CorruptFile, UserError
+from lightning_tools import outputs
+from lightning_tools.errors import UserError
+from lightning_tools.header import DTYPES, FLOAT_CODES, ITEM_SIZE, TensorInfo, corrupt, parse_header, read_header
 
-ITEM_SIZE = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "F8_E4M3": 1, "F8_E5M2": 1,
-             "I64": 8, "I32": 4, "I16": 2, "I8": 1, "U64": 8, "U32": 4, "U16": 2, "U8": 1, "BOOL": 1}
-TORCH_DTYPE = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
-               "F8_E4M3": torch.float8_e4m3fn, "F8_E5M2": torch.float8_e5m2,
-               "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8,
-               "U8": torch.uint8, "BOOL": torch.bool}
+TORCH_DTYPE = {code: getattr(torch, name) for code, (_, name) in DTYPES.items()}
 CODE_OF = {v: k for k, v in TORCH_DTYPE.items()}
-FLOAT_CODES = frozenset({"F64", "F32", "F16", "BF16", "F8_E4M3", "F8_E5M2"})
 # What users type (--dtype fp16) -> safetensors code.
 DTYPE_NAMES = {"fp16": "F16", "bf16": "BF16", "fp32": "F32"}
 
 HASH_KEY = "modelspec.hash_sha256"
 _HASH_PLACEHOLDER = "0x" + "0" * 64
-_MAX_HEADER = 100 * 1024 * 1024
 _CHUNK = 16 * 1024 * 1024
-
-
-@dataclass(frozen=True)
-class TensorInfo:
-    """Where one tensor lives: file, absolute byte range, dtype code and shape."""
-
-    name: str
-    dtype: str
-    shape: tuple[int, ...]
-    path: Path
-    start: int
-    end: int
-
-    @property
-    def nbytes(self) -> int:
-        return self.end - self.start
-
-    @property
-    def numel(self) -> int:
-        return math.prod(self.shape)
-
-    @property
-    def is_float(self) -> bool:
-        return self.dtype in FLOAT_CODES
-
-
-def _corrupt(path: Path, what: str) -> CorruptFile:
-    return CorruptFile(f"{what}; the file is damaged or not safetensors: download or export it again", path=path)
-
-
-def read_header(path: Path) -> tuple[dict[str, TensorInfo], dict[str, str], int]:
-    """Parse and validate a safetensors header: (tensors, metadata, data_start).
-
-    Catches truncated, padded and inconsistent files from the header alone: every tensor's byte size must equal
-    dtype x shape and the tensors must tile the data section exactly.
-    """
-    path = Path(path)
-    if not path.exists():
-        raise UserError(f"{path}: no such file")
-    if path.is_dir():
-        raise UserError(f"{path}: is a folder, expected a .safetensors file")
-    size = path.stat().st_size
-    with open(path, "rb") as f:
-        head = f.read(8)
-        if len(head) < 8:
-            raise _corrupt(path, f"only {size} bytes, too short for a safetensors header")
-        (n,) = struct.unpack("<Q", head)
-        if n > size - 8:
-            raise _corrupt(path, f"header claims {n} bytes but the file has {size - 8} after the length field")
-        if n > _MAX_HEADER:
-            raise _corrupt(path, f"header of {n} bytes is implausibly large")
-        raw = f.read(n)
-    try:
-        header = json.loads(raw)
-    except (UnicodeDecodeError, json.JSONDecodeError):
-        raise _corrupt(path, "header is not JSON") from None
-    if not isinstance(header, dict):
-        raise _corrupt(path, "header is not a JSON object")
-    metadata = header.pop("__metadata__", None) or {}
-    data_start = 8 + n
-    tensors: dict[str, TensorInfo] = {}
-    for name, entry in header.items():
-        try:
-            dtype, shape, (begin, end) = entry["dtype"], tuple(entry["shape"]), entry["data_offsets"]
-        except (TypeError, KeyError, ValueError):
-            raise _corrupt(path, f"header entry {name!r} is malformed") from None
-        if dtype not in ITEM_SIZE:
-            raise _corrupt(path, f"tensor {name!r} has unknown dtype {dtype!r}")
-        if end - begin != math.prod(shape) * ITEM_SIZE[dtype]:
-            raise _corrupt(path, f"tensor {name!r} spans {end - begin} bytes but {dtype}{list(shape)} needs "
-                                 f"{math.prod(shape) * ITEM_SIZE[dtype]}")
-        tensors[name] = TensorInfo(name, dtype, shape, path, data_start + begin, data_start + end)
-    cursor = data_start
-    for info in sorted(tensors.values(), key=lambda t: t.start):
-        if info.start != cursor:
-            raise _corrupt(path, f"tensor {info.name!r} starts at byte {info.start - data_start} of the data, "
-                                 f"expected {cursor - data_start} (offsets overlap or leave a gap)")
-        cursor = info.end
-    if cursor != size:
-        what = "truncated" if cursor > size else "has trailing bytes"
-        raise _corrupt(path, f"{what}: tensors end at byte {cursor}, the file has {size}")
-    return tensors, metadata, data_start
 
 
 class SafetensorsFile(Mapping[str, TensorInfo]):
@@ -221,7 +133,7 @@ def read_raw(info: TensorInfo, chunk: int = _CHUNK) -> Iterator[memoryview]:
         while left:
             n = f.readinto(view[: min(left, len(buf))])
             if not n:
-                raise _corrupt(info.path, f"ended inside tensor {info.name!r}")
+                raise corrupt(info.path, f"ended inside tensor {info.name!r}")
             left -= n
             yield view[:n]
 
@@ -240,7 +152,7 @@ def read_tensor(info: TensorInfo, into: bytearray | None = None) -> torch.Tensor
         while done < info.nbytes:
             n = f.readinto(view[done:info.nbytes])
             if not n:
-                raise _corrupt(info.path, f"ended inside tensor {info.name!r}")
+                raise corrupt(info.path, f"ended inside tensor {info.name!r}")
             done += n
     dtype = TORCH_DTYPE[info.dtype]
     if not info.numel:
@@ -267,38 +179,10 @@ class Planned:
         return math.prod(self.shape) * ITEM_SIZE[self.dtype]
 
 
-@contextlib.contextmanager
-def atomic_output(path: Path | str, overwrite: bool = False) -> Iterator[Path]:
-    """Yield a temporary path beside `path`; it becomes `path` only if the block completes.
-
-    Works for files and folders. An existing output is refused unless `overwrite`; an interrupted run leaves
-    nothing under the final name.
-    """
-    path = Path(path)
-    if path.exists() and not overwrite:
-        raise UserError(f"{path}: already exists; pass --overwrite to replace it")
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.partial")
-    _remove(tmp)
-    try:
-        yield tmp
-    except BaseException:
-        _remove(tmp)
-        raise
-    if path.is_dir() and not path.is_symlink():
-        old = path.with_name(f".{path.name}.{os.getpid()}.old")
-        os.replace(path, old)
-        os.replace(tmp, path)
-        _remove(old)
-    else:
-        os.replace(tmp, path)
-
-
-def _remove(p: Path) -> None:
-    if p.is_dir() and not p.is_symlink():
-        shutil.rmtree(p)
-    elif p.exists() or p.is_symlink():
-        p.unlink()
+def atomic_output(path: Path | str, overwrite: bool = False) -> contextlib.AbstractContextManager[Path]:
+    """Yield a temporary path beside `path`; it becomes `path` only if the block completes (`outputs.output`:
+    flushed to disk, published without clobbering, cleaned up on any failure or signal)."""
+    return outputs.output(path, overwrite=overwrite)
 
 
 class SafetensorsWriter:
@@ -339,14 +223,27 @@ class SafetensorsWriter:
         names = [p.name for p in self.plan]
         if len(set(names)) != len(names):
             raise ValueError("duplicate tensor names in the write plan")
+        if unknown := [p for p in self.plan if p.dtype not in ITEM_SIZE]:
+            raise ValueError(f"{unknown[0].name}: planned dtype {unknown[0].dtype!r} is not one the format holds")
+        head = self._header()
+        head = struct.pack("<Q", len(head)) + head
+        try:  # what the reader would refuse is never written
+            parse_header(head, len(head) + sum(p.nbytes for p in self.plan), path=self.path)
+        except UserError as e:
+            raise ValueError(f"refusing to write a header the reader refuses: {e.message}") from None
+        self._header_len = len(head) - 8
         self._atomic = atomic_output(self.path, self.overwrite)
         self._tmp = self._atomic.__enter__()
-        # Unbuffered: kernel copies and plain writes then share one file position.
-        self._file = open(self._tmp, "wb", buffering=0)
-        self._hasher = _OrderedHash()
-        header = self._header()
-        self._header_len = len(header)
-        self._write_all(struct.pack("<Q", len(header)) + header)
+        try:
+            # Unbuffered: kernel copies and plain writes then share one file position.
+            self._file = open(self._tmp, "wb", buffering=0)
+            self._hasher = _OrderedHash()
+            self._write_all(head)
+        except BaseException as e:
+            if hasattr(self, "_file"):
+                self._file.close()
+            self._atomic.__exit__(type(e), e, e.__traceback__)
+            raise
         return self
 
     def write(self, name: str, data: torch.Tensor | bytes | memoryview) -> None:
@@ -407,7 +304,7 @@ class SafetensorsWriter:
             while done < info.nbytes:
                 n = os.copy_file_range(source, self._file.fileno(), info.nbytes - done, info.start + done)
                 if not n:
-                    raise _corrupt(info.path, f"ended inside tensor {info.name!r}")
+                    raise corrupt(info.path, f"ended inside tensor {info.name!r}")
                 done += n
         except OSError as e:
             if done or e.errno not in _NO_KERNEL_COPY:
@@ -473,7 +370,7 @@ class _OrderedHash:
         while nbytes:
             n = os.preadv(fd, [view[:min(nbytes, len(view))]], start)
             if not n:
-                raise _corrupt(info.path, f"ended inside tensor {info.name!r}")
+                raise corrupt(info.path, f"ended inside tensor {info.name!r}")
             self._digest.update(view[:n])
             start += n
             nbytes -= n

@@ -94,7 +94,7 @@ def test_failing_kernel_copy_leaves_nothing(sample, tmp_path, monkeypatch):
         raise OSError(errno.ENOSPC, "No space left on device")
     monkeypatch.setattr(os, "copy_file_range", fail)
     path, _ = sample
-    with pytest.raises(OSError, match="No space"):
+    with pytest.raises(UserError, match="out.safetensors: no space left"):
         _copy_all(SafetensorsFile(path), tmp_path / "out.safetensors")
     assert list(tmp_path.iterdir()) == [path]
 
