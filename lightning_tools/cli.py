@@ -2,30 +2,62 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
+import logging
+import signal
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import click
 
 from lightning_tools import __version__
-from lightning_tools.errors import UserError
+from lightning_tools.errors import Interrupted, UserError
+from lightning_tools.outputs import interrupts_raise, os_error
 
 
 class _Group(click.Group):
-    """Turns UserError (and missing files, bad archives) into one line on stderr unless --debug is given."""
+    """Turns UserError, OSError and SIGINT/SIGTERM/SIGHUP into one `error: ...` line on stderr (and the error's
+    exit code; 128 + the signal's number for a signal) unless --debug is given."""
 
     def invoke(self, ctx: click.Context) -> Any:
         try:
-            return super().invoke(ctx)
+            with interrupts_raise(), _notes():
+                return super().invoke(ctx)
         except UserError as e:
-            if ctx.obj and ctx.obj.get("debug"):
-                raise
-            click.echo(f"error: {e}", err=True)
-            ctx.exit(e.exit_code)
-        except KeyboardInterrupt:
-            click.echo("interrupted: no partial output was kept", err=True)
-            ctx.exit(130)
+            _fail(ctx, e, str(e), e.exit_code)
+        except (Interrupted, KeyboardInterrupt) as e:
+            interrupt = e if isinstance(e, Interrupted) else Interrupted(signal.SIGINT, "SIGINT")
+            _fail(ctx, e, f"interrupted by {interrupt.name}: no partial output was kept", interrupt.exit_code)
+        except OSError as e:
+            error = os_error(e)
+            _fail(ctx, e, str(error), error.exit_code)
+
+
+def _fail(ctx: click.Context, error: BaseException, line: str, exit_code: int) -> None:
+    if ctx.obj and ctx.obj.get("debug"):
+        raise error
+    click.echo(f"error: {line}", err=True)
+    ctx.exit(exit_code)
+
+
+class _NoteHandler(logging.Handler):
+    """The library's log lines (a sweep of stale partial outputs, say) as `note: ...` lines on stderr."""
+
+    def emit(self, record: logging.LogRecord) -> None:
+        click.echo(f"note: {record.getMessage()}", err=True)
+
+
+@contextlib.contextmanager
+def _notes() -> Iterator[None]:
+    logger = logging.getLogger("lightning_tools")
+    handler = _NoteHandler()
+    logger.addHandler(handler)
+    try:
+        yield
+    finally:
+        logger.removeHandler(handler)
 
 
 def emit(data: Any, as_json: bool, text: str | None = None) -> None:
@@ -42,12 +74,14 @@ overwrite_option = click.option("--overwrite", is_flag=True, help="Replace an ex
 
 @click.group(cls=_Group, context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(__version__, prog_name="lightning-tools")
-@click.option("--debug", is_flag=True, help="Show full tracebacks for errors.")
+@click.option("--debug", is_flag=True, help="Show full tracebacks for errors (implies --verbose).")
+@click.option("--verbose", is_flag=True, help="Also show diagnostics such as the hub client's retries.")
 @click.pass_context
-def main(ctx: click.Context, debug: bool) -> None:
+def main(ctx: click.Context, debug: bool, verbose: bool) -> None:
     """Fetch, verify, merge, convert, render and publish SDXL-Lightning checkpoints."""
     ctx.ensure_object(dict)
     ctx.obj["debug"] = debug
+    logging.getLogger("lightning_tools").setLevel(logging.DEBUG if debug or verbose else logging.INFO)
 
 
 # --- catalog / fetch (hub.py, catalog.py) ---
@@ -124,6 +158,7 @@ def verify_command(paths: tuple[Path, ...], deep: bool, config_dir: Path | None,
 
     reports = verify_paths(paths, deep=deep, config_dir=config_dir)
     emit([r.as_dict() for r in reports], as_json, "\n".join(describe(r) for r in reports))
+    _mention_stale(paths)
     failed = [r for r in reports if not r.ok]
     if failed:
         raise UserError(f"{len(failed)} of {len(reports)} checked failed verification: "
@@ -140,6 +175,20 @@ def inspect_command(path: Path, with_hash: bool, as_json: bool) -> None:
 
     info = inspect_path(path, with_hash=with_hash)
     emit(info, as_json, describe(info))
+    _mention_stale([path])
+
+
+def _mention_stale(paths: tuple[Path, ...] | list[Path]) -> None:
+    """A note for each folder around `paths` that holds partial outputs of runs that were killed."""
+    from lightning_tools.outputs import human_size, stale_temps
+
+    folders = dict.fromkeys(f for p in paths for f in ((p, p.parent) if p.is_dir() else (p.parent,)))
+    for folder in folders:
+        if stale := stale_temps(folder):
+            names = ", ".join(s.path.name for s in stale[:3]) + (", ..." if len(stale) > 3 else "")
+            click.echo(f"note: {folder} holds {len(stale)} partial output{'s' if len(stale) > 1 else ''} of killed "
+                       f"runs ({human_size(sum(s.nbytes for s in stale))}: {names}); the next command writing there "
+                       "removes them", err=True)
 
 
 # --- convert (convert.py) ---

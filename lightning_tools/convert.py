@@ -13,6 +13,7 @@ from pathlib import Path
 from lightning_tools import metadata as meta
 from lightning_tools.checkpoint import NAMES, TARGETS, open_checkpoint, with_base, write_checkpoint
 from lightning_tools.errors import UserError
+from lightning_tools.outputs import check_containment
 from lightning_tools.sdxl.detect import detect
 from lightning_tools.tensors import HASH_KEY, hash_file
 
@@ -26,10 +27,9 @@ def convert(src: Path | str, to: str, out: Path | str, config_dir: Path | str | 
     """Convert `src` into `out` in format `to`; returns what was written, what came from the base, and the
     keys that were left out (reported, or an error with `strict`)."""
     src, out = Path(src), Path(out)
+    check_containment(out, (src, base, config_dir))
     if out.exists() and not overwrite:
         raise UserError(f"{out}: already exists; pass --overwrite to replace it")
-    if out.resolve() == src.resolve() or (base is not None and out.resolve() == Path(base).resolve()):
-        raise UserError(f"{out}: is an input of this conversion; write to another path")
     is_lora = detect(src).layout == "lora"
     if to in LORA_TARGETS:
         if not is_lora:

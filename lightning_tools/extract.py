@@ -27,6 +27,7 @@ from lightning_tools import catalog, lora
 from lightning_tools import metadata as meta
 from lightning_tools.checkpoint import Checkpoint, open_checkpoint
 from lightning_tools.errors import UserError
+from lightning_tools.outputs import check_containment, scratch
 from lightning_tools.progress import bar
 from lightning_tools.tensors import (CODE_OF, DTYPE_NAMES, FLOAT_CODES, TORCH_DTYPE, LazyTensor, Planned,
                                      SafetensorsFile, SafetensorsWriter)
@@ -203,9 +204,8 @@ def extract_lora(base: Path | str, tuned: Path | str, out: Path | str, rank: int
     """
     started = time.monotonic()
     base, tuned, out = Path(base), Path(tuned), Path(out)
+    check_containment(out, (base, tuned))
     _check_options(out, rank, conv_rank, format, device, clamp_quantile, dtype, overwrite)
-    if out.resolve() in (base.resolve(), tuned.resolve()):
-        raise UserError(f"{out}: is an input of this extraction; write to another path")
     conv_rank = conv_rank or rank
     base_ckpt, tuned_ckpt = open_checkpoint(base), open_checkpoint(tuned)
     for ckpt in (base_ckpt, tuned_ckpt):
@@ -213,8 +213,7 @@ def extract_lora(base: Path | str, tuned: Path | str, out: Path | str, rank: int
             raise UserError(f"{ckpt.path}: has no UNet to extract from")
     targets = plan_targets(base_ckpt, tuned_ckpt, rank, conv_rank)
     out.parent.mkdir(parents=True, exist_ok=True)
-    factors_path = out.with_name(f".{out.name}.factors.partial")
-    try:
+    with scratch(out) as factors_path:  # unique to this run: two extractions to one OUT never mix their factors
         reports = _write_factors(factors_path, targets, base_ckpt.components["unet"],
                                  tuned_ckpt.components["unet"], torch.device(device), min_diff, clamp_quantile,
                                  TORCH_DTYPE[DTYPE_NAMES[dtype]])
@@ -226,8 +225,6 @@ def extract_lora(base: Path | str, tuned: Path | str, out: Path | str, rank: int
                                    LazyTensor.of(factors, r.module + ".up"), float(r.rank))
                    for r in reports if r.svd != "skipped"]
         sha = lora.write_lora(modules, out, format, metadata, overwrite)
-    finally:
-        factors_path.unlink(missing_ok=True)
     return {"base": str(base), "tuned": str(tuned), "out": str(out), "format": format, **summary,
             "settings": settings, "sha256": sha, "bytes": out.stat().st_size,
             "seconds": round(time.monotonic() - started, 1), "per_module": [r.as_dict() for r in reports]}

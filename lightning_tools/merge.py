@@ -23,6 +23,7 @@ from lightning_tools import metadata as meta
 from lightning_tools.checkpoint import Checkpoint, open_checkpoint, write_checkpoint
 from lightning_tools.errors import UserError
 from lightning_tools.lora import LoraFile, LoraModule, add_lora, modules_of_keys, read_lora
+from lightning_tools.outputs import check_containment
 from lightning_tools.tensors import DTYPE_NAMES, ITEM_SIZE, TORCH_DTYPE, LazyTensor, read_tensor, target_dtype
 
 OUTPUTS = ("comfyui", "diffusers")
@@ -179,9 +180,7 @@ def merge(base: Path | str, loras: Sequence[Path | str], strengths: Sequence[flo
     if compute_dtype not in DTYPE_NAMES:
         raise UserError(f"unknown compute dtype {compute_dtype!r}; choose one of {', '.join(DTYPE_NAMES)}")
     _check_device(device)
-    for path in (base, *loras):
-        if out.resolve() == path.resolve():
-            raise UserError(f"{out}: is an input of this merge; write to another path")
+    check_containment(out, (base, *loras, config_dir))
     if out.exists() and not overwrite and not dry_run:
         raise UserError(f"{out}: already exists; pass --overwrite to replace it")
 
