@@ -16,17 +16,20 @@ the cache names each LFS blob by the sha256 the hub gave for it, and `manifest_e
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
+import logging
 import os
 import re
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from lightning_tools import catalog
 from lightning_tools.catalog import CatalogEntry
-from lightning_tools.errors import UserError
+from lightning_tools.errors import UsageError, UserError
+from lightning_tools.outputs import locked
 from lightning_tools.progress import bar
 from lightning_tools.tensors import atomic_output, hash_file
 
@@ -35,6 +38,10 @@ _MANIFEST_FORMAT = "lightning-tools manifest 1"
 _CHUNK = 16 * 1024 * 1024
 _SHA256 = re.compile(r"[0-9a-f]{64}")
 _COMMIT = re.compile(r"[0-9a-f]{40}")
+# A branch or tag name, which becomes a path in the cache (refs/<name>): git's rules, in ASCII; no `..`, no part
+# starting with a dot or ending in `.lock`, no leading, trailing or double slash, no trailing dot.
+_REF_PART = r"[A-Za-z0-9_][A-Za-z0-9_.+@-]*"
+_REF_NAME = re.compile(rf"(?!.*\.\.)(?!.*\.lock(?:/|$))(?!.*\.$){_REF_PART}(?:/{_REF_PART})*")
 
 
 @dataclass(frozen=True)
@@ -97,12 +104,13 @@ def read_manifest(folder: Path | str) -> dict[str, dict]:
 
 
 def _write_manifest(folder: Path, records: Sequence[Fetched]) -> None:
-    files = read_manifest(folder)
-    for r in records:
-        files[r.filename] = {"repo_id": r.repo_id, "revision": r.revision, "sha256": r.sha256, "size": r.size}
-    with atomic_output(folder / MANIFEST_NAME, overwrite=True) as tmp:
-        tmp.write_text(json.dumps({"format": _MANIFEST_FORMAT, "files": dict(sorted(files.items()))}, indent=2)
-                       + "\n")
+    with locked(folder / f".{MANIFEST_NAME}.lock"):  # two fetches into one folder: neither loses the other's record
+        files = read_manifest(folder)
+        for r in records:
+            files[r.filename] = {"repo_id": r.repo_id, "revision": r.revision, "sha256": r.sha256, "size": r.size}
+        with atomic_output(folder / MANIFEST_NAME, overwrite=True) as tmp:
+            tmp.write_text(json.dumps({"format": _MANIFEST_FORMAT, "files": dict(sorted(files.items()))}, indent=2)
+                           + "\n")
 
 
 def manifest_entry(path: Path | str) -> dict | None:
@@ -178,15 +186,41 @@ def list_repo(env: HubEnv, repo_id: str, revision: str) -> tuple[Listing | None,
     if env.offline:
         return None, "offline mode (HF_HUB_OFFLINE) is on"
     try:
-        info = HfApi(endpoint=env.endpoint).model_info(repo_id, revision=revision, files_metadata=True,
-                                                       timeout=constants.DEFAULT_ETAG_TIMEOUT)
+        with _quiet_retries():
+            info = HfApi(endpoint=env.endpoint).model_info(repo_id, revision=revision, files_metadata=True,
+                                                           timeout=constants.DEFAULT_ETAG_TIMEOUT)
     except (httpx2.ConnectError, httpx2.TimeoutException) as e:
         return None, f"cannot reach {env.endpoint} ({type(e).__name__}: {e})"
     except (errors.HfHubHTTPError, errors.HFValidationError, httpx2.HTTPError) as e:
         raise hub_error(e, repo_id, revision, env.endpoint) from e
+    if not _COMMIT.fullmatch(str(info.sha)):  # it names a folder in the cache: never a path of the server's choosing
+        raise UserError(f"{repo_id}@{revision} on {env.endpoint}: the hub answered commit {str(info.sha)[:60]!r}, "
+                        "not 40 hex digits; refusing it (is HF_ENDPOINT a real hub?)")
     files = {s.rfilename: (s.lfs.sha256 if s.lfs else None, s.lfs.size if s.lfs else s.size)
              for s in info.siblings or []}
     return Listing(info.sha, files), None
+
+
+@contextlib.contextmanager
+def _quiet_retries() -> Iterator[None]:
+    """huggingface_hub logs a warning for every retry (a dropped connection gives a dozen lines before its
+    error); the error we raise says what failed, once. With `--verbose` (our logger at DEBUG) they show."""
+    if logging.getLogger("lightning_tools").isEnabledFor(logging.DEBUG):
+        yield
+        return
+    hub_logger = logging.getLogger("huggingface_hub")
+    level = hub_logger.level
+    hub_logger.setLevel(logging.ERROR)
+    try:
+        yield
+    finally:
+        hub_logger.setLevel(level)
+
+
+def check_revision(revision: str) -> None:
+    """A revision is a branch or tag name or a full commit id: it becomes a path in the hub cache."""
+    if not (_COMMIT.fullmatch(revision) or _REF_NAME.fullmatch(revision)):
+        raise UsageError(f"--revision {revision!r}: not a branch or tag name, nor a commit (40 hex digits)")
 
 
 # --- fetch -------------------------------------------------------------------------------------------------------
@@ -209,6 +243,7 @@ def fetch(entries: Sequence[CatalogEntry], dest: Path | str | None = None, repo_
     env = HubEnv.current()
     official = repo_id.lower() == catalog.REPO_ID.lower()
     revision = revision or (catalog.REVISION if official else "main")
+    check_revision(revision)
     dest = Path(dest) if dest is not None else None
     if dest is not None and dest.exists() and not dest.is_dir():
         raise UserError(f"{dest}: not a folder; --dest takes the folder to put the files in")
@@ -315,8 +350,9 @@ def _download(env: HubEnv, repo_id: str, filename: str, revision: str, local_onl
     from huggingface_hub import errors, hf_hub_download
 
     try:
-        return hf_hub_download(repo_id, filename, revision=revision, cache_dir=env.cache_dir,
-                               endpoint=env.endpoint, local_files_only=local_only, tqdm_class=_download_bar)
+        with _quiet_retries():
+            return hf_hub_download(repo_id, filename, revision=revision, cache_dir=env.cache_dir,
+                                   endpoint=env.endpoint, local_files_only=local_only, tqdm_class=_download_bar)
     except errors.LocalEntryNotFoundError as e:
         why = unreachable or f"cannot reach {env.endpoint}"
         raise UserError(f"{filename}: {why}, and it is not in the hub cache ({env.cache_dir}); "
