@@ -94,7 +94,7 @@ def catalog_command(steps: tuple[int, ...], kinds: tuple[str, ...], as_json: boo
 @overwrite_option
 @json_option
 def fetch_command(steps: tuple[int, ...], kinds: tuple[str, ...], fetch_all: bool, dest: Path | None,
-                  repo_id: str | None, revision: str | None, overwrite: bool, as_json: bool) -> None:
+                  repo_id: str | None, revision: str | None, overwrite: bool, as_json: bool) -> list:
     """Download official files and verify their sha256; prints the local path of each."""
     from lightning_tools import catalog, hub
 
@@ -109,6 +109,7 @@ def fetch_command(steps: tuple[int, ...], kinds: tuple[str, ...], fetch_all: boo
             against = "the official file" if f.official else f"{f.repo_id}'s listed hash"
             click.echo(f"{f.filename}: {f.action}, sha256 {f.sha256[:12]}… matches {against}", err=True)
     emit([f.as_dict() for f in fetched], as_json, "\n".join(str(f.path) for f in fetched))
+    return fetched  # the recipe runner's result for a fetch step: `{step}` names the file
 
 
 # --- verify / inspect (verify.py, inspect.py) ---
@@ -298,18 +299,22 @@ def render(model: Path, base: Path | None, config: Path | None, steps: int | Non
 @click.argument("recipe", type=click.Path(path_type=Path))
 @click.option("--set", "overrides", multiple=True, metavar="KEY=VALUE", help="Override a recipe variable.")
 @click.option("--dry-run", is_flag=True, help="Check the recipe and print the commands without running them.")
+@click.option("--force", is_flag=False, flag_value="", default=None, metavar="[STEP]",
+              help="Run again even if unchanged: every step, or STEP and the steps that use its output.")
+@click.option("--allow-outside", is_flag=True, help="Let the recipe's workdir lie outside the recipe's folder.")
 @json_option
 @click.pass_context
-def run_command(ctx: click.Context, recipe: Path, overrides: tuple[str, ...], dry_run: bool, as_json: bool) -> None:
-    """Run the steps of a TOML recipe in order; unchanged steps are skipped."""
+def run_command(ctx: click.Context, recipe: Path, overrides: tuple[str, ...], dry_run: bool, force: str | None,
+                allow_outside: bool, as_json: bool) -> None:
+    """Run the steps of a TOML recipe in order; unchanged steps are skipped. Exits with a failed step's code."""
     from lightning_tools.recipes import load_recipe, run_recipe
 
-    loaded = load_recipe(recipe, overrides)
+    loaded = load_recipe(recipe, overrides, commands=main.commands, allow_outside=allow_outside)
     echo = (lambda line: None) if as_json else (lambda line: click.echo(line, err=not dry_run))
-    results = run_recipe(loaded, dry_run=dry_run, echo=echo, obj=ctx.obj, json_results=as_json)
-    emit([{"step": r.name, "command": r.command, "status": r.status, "output": r.output, "argv": r.argv}
-          for r in results], as_json, None if dry_run else f"recipe done: {sum(r.status == 'ran' for r in results)} "
-          f"step(s) ran, {sum(r.status == 'skipped' for r in results)} skipped")
+    results = run_recipe(loaded, dry_run=dry_run, force=True if force == "" else force or False, echo=echo,
+                         obj=ctx.obj)
+    emit([r.as_dict() for r in results], as_json, None if dry_run else f"recipe done: "
+         f"{sum(r.status == 'ran' for r in results)} step(s) ran, {sum(r.status == 'skipped' for r in results)} skipped")
 
 # --- publish (publish.py) ---
 @main.command("publish")
@@ -390,9 +395,8 @@ def extract_command(base: Path, tuned: Path, rank: int, conv_rank: int | None, o
 @click.pass_context
 def demo(ctx: click.Context, folder: Path, as_json: bool) -> None:
     """Run merge, verify, convert, render, extract and a model card on a tiny model in FOLDER."""
-    from lightning_tools.demo import run_demo
+    from lightning_tools.demo import describe, run_demo
 
-    results = run_demo(folder, echo=(lambda line: None) if as_json else click.echo, obj=ctx.obj, json_results=as_json)
-    emit([{"step": r.name, "command": r.command, "status": r.status, "output": r.output} for r in results],
-         as_json, "\n".join(["", "demo done; what was made:"] + [
-             f"  {r.name:<17} {r.command:<8} {r.output or '(check only)'}" for r in results]))
+    results = run_demo(folder, commands=main.commands, echo=(lambda line: None) if as_json else click.echo,
+                       obj=ctx.obj)
+    emit([r.as_dict() for r in results], as_json, describe(results))
