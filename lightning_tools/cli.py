@@ -363,18 +363,22 @@ def render_command(model: Path, base: Path | None, config: Path | None, steps: i
 @click.argument("recipe", type=click.Path(path_type=Path))
 @click.option("--set", "overrides", multiple=True, metavar="KEY=VALUE", help="Override a recipe variable.")
 @click.option("--dry-run", is_flag=True, help="Check the recipe and print the commands without running them.")
+@click.option("--force", is_flag=False, flag_value="", default=None, metavar="[STEP]",
+              help="Run again even if unchanged: every step, or STEP and the steps that use its output.")
+@click.option("--allow-outside", is_flag=True, help="Let the recipe's workdir lie outside the recipe's folder.")
 @json_option
 @click.pass_context
-def run_command(ctx: click.Context, recipe: Path, overrides: tuple[str, ...], dry_run: bool, as_json: bool) -> None:
-    """Run the steps of a TOML recipe in order; unchanged steps are skipped."""
+def run_command(ctx: click.Context, recipe: Path, overrides: tuple[str, ...], dry_run: bool, force: str | None,
+                allow_outside: bool, as_json: bool) -> None:
+    """Run the steps of a TOML recipe in order; unchanged steps are skipped. Exits with a failed step's code."""
     from lightning_tools.recipes import load_recipe, run_recipe
 
-    loaded = load_recipe(recipe, overrides, main.commands)
+    loaded = load_recipe(recipe, overrides, commands=main.commands, allow_outside=allow_outside)
     echo = (lambda line: None) if as_json else (lambda line: click.echo(line, err=not dry_run))
-    results = run_recipe(loaded, main.commands, dry_run=dry_run, echo=echo, obj=ctx.obj, json_results=as_json)
+    results = run_recipe(loaded, dry_run=dry_run, force=True if force == "" else force or False, echo=echo,
+                         obj=ctx.obj)
     if as_json:
-        click.echo(json.dumps([{"step": r.name, "command": r.command, "status": r.status, "output": r.output,
-                                "argv": r.argv} for r in results], indent=2))
+        click.echo(json.dumps([r.as_dict() for r in results], indent=2, default=str))
     elif not dry_run:
         click.echo(f"recipe done: {sum(r.status == 'ran' for r in results)} step(s) ran, "
                    f"{sum(r.status == 'skipped' for r in results)} skipped")
@@ -386,16 +390,11 @@ def run_command(ctx: click.Context, recipe: Path, overrides: tuple[str, ...], dr
 @click.pass_context
 def demo(ctx: click.Context, folder: Path, as_json: bool) -> None:
     """Run merge, verify, convert, render, extract and a model card on a tiny model in FOLDER."""
-    from lightning_tools.demo import run_demo
+    from lightning_tools.demo import describe, run_demo
 
-    results = run_demo(folder, main.commands, echo=(lambda line: None) if as_json else click.echo, obj=ctx.obj,
-                       json_results=as_json)
-    if as_json:
-        click.echo(json.dumps([{"step": r.name, "command": r.command, "status": r.status, "output": r.output}
-                               for r in results], indent=2))
-    else:
-        click.echo("\n".join(["", "demo done; what was made:"] + [
-            f"  {r.name:<17} {r.command:<8} {r.output or '(check only)'}" for r in results]))
+    results = run_demo(folder, commands=main.commands, echo=(lambda line: None) if as_json else click.echo,
+                       obj=ctx.obj)
+    click.echo(json.dumps([r.as_dict() for r in results], indent=2, default=str) if as_json else describe(results))
 
 
 # --- publish ----------------------------------------------------------------------------------------------------
