@@ -112,7 +112,7 @@ def _lora_info(path: Path) -> dict:
             f"not an SDXL LoRA: {len(unknown)} modules name nothing in SDXL (e.g. {unknown[0]}): not supported",
             "supported": supported, "components": list(per_component),
             "lora": {"modules": len(modules), "modules_per_component": dict(per_component),
-                     "ranks": sorted({m.rank for m in modules}),
+                     "ranks": sorted({m.rank for m in modules if m.rank is not None}),
                      "alphas": sorted({m.alpha for m in modules if m.alpha is not None}),
                      "alpha_missing": sum(m.alpha is None for m in modules),
                      "text_encoders": [c for c in ("text_encoder", "text_encoder_2") if per_component[c]]},
