@@ -26,8 +26,8 @@ from lora_fixtures import (LYCORIS_PRESET, load_models, lycoris_network, peft_lo
 COMPONENTS = ("unet", "text_encoder", "text_encoder_2")
 # lycoris-lora 4.1.3's `merge_to` applies alpha / dim twice to LoHa and LoKr (`get_diff_weight` scales what
 # `get_weight` already scaled), unlike its own forward pass and ComfyUI; with alpha = dim both agree, so the
-# tensor-by-tensor comparison with `merge_to` uses that, and `test_alpha_scales_as_in_lycoris_forward_pass`
-# checks alpha != dim against the forward pass.
+# tensor-by-tensor comparison with `merge_to` uses that, and
+# `test_merged_layers_compute_what_lycoris_applied_layers_compute` checks alpha != dim against the forward pass.
 VARIANTS = {
     # name: (algo, options, strength, kohya suffixes the file must hold)
     "locon": ("locon", {}, 0.7, {"lora_down.weight", "lora_up.weight", "alpha"}),
@@ -85,23 +85,34 @@ def _error(ours: torch.Tensor, reference: torch.Tensor) -> float:
     return ((ours - reference).abs().max() / reference.abs().max()).item()
 
 
-def _lycoris_file(models, preset, variant, path):
-    """(file written by lycoris, the models as lycoris merges the file into them, the base weights)."""
-    algo, options, strength, _ = VARIANTS[variant]
-    models = copy.deepcopy(models)
-    base = _weights(models)
-    network = lycoris_network(models, preset, algo, **options)
-    network.save_weights(str(path), torch.float32, {})
-    network.restore()
-    for module in network.loras:
-        module.merge_to(strength)
-    return path, _weights(models), base
+@pytest.fixture(scope="module")
+def lycoris_file(models, preset, tmp_path_factory):
+    """variant -> (file written by lycoris, the weights lycoris merges from it at the variant's strength, the base
+    weights), each made once."""
+    folder = tmp_path_factory.mktemp("lycoris-files")
+    made = {}
+
+    def get(variant: str):
+        if variant not in made:
+            algo, options, strength, _ = VARIANTS[variant]
+            changed = copy.deepcopy(models)
+            base = _weights(changed)
+            network = lycoris_network(changed, preset, algo, **options)
+            path = folder / f"{variant}.safetensors"
+            network.save_weights(str(path), torch.float32, {})
+            network.restore()
+            for module in network.loras:
+                module.merge_to(strength)
+            made[variant] = path, _weights(changed), base
+        return made[variant]
+
+    return get
 
 
 @pytest.mark.parametrize("variant", VARIANTS)
-def test_every_lycoris_variant_merges_to_what_lycoris_computes(variant, models, preset, tiny_pipeline, tmp_path):
+def test_every_lycoris_variant_merges_to_what_lycoris_computes(variant, lycoris_file, tiny_pipeline):
     algo, options, strength, suffixes = VARIANTS[variant]
-    path, expected, base = _lycoris_file(models, preset, variant, tmp_path / f"{variant}.safetensors")
+    path, expected, base = lycoris_file(variant)
     assert suffixes <= _suffixes(path)
     lora = _read(path, tiny_pipeline)
     assert lora.format == "kohya-diffusers" and not lora.unresolved
@@ -126,8 +137,10 @@ def test_every_lycoris_variant_merges_to_what_lycoris_computes(variant, models, 
 
 
 @pytest.mark.parametrize("variant", ["loha-tucker", "lokr-both-tucker", "locon-dora", "full"])
-def test_alpha_scales_as_in_lycoris_forward_pass(variant, models, preset, tiny_pipeline, tmp_path):
-    """With alpha != dim everywhere, every merged layer computes what the layer lycoris applies computes."""
+def test_merged_layers_compute_what_lycoris_applied_layers_compute(variant, models, preset, tiny_pipeline,
+                                                                   tmp_path):
+    """With alpha != dim everywhere (and full's biases), each layer with our merged weight gives the output of
+    that layer with lycoris applied (its forward pass, not `merge_to`)."""
     algo, options, _, _ = VARIANTS[variant]
     options = options | {"alpha": 3.0, "conv_alpha": 0.5}
     models = copy.deepcopy(models)
@@ -156,12 +169,12 @@ def test_alpha_scales_as_in_lycoris_forward_pass(variant, models, preset, tiny_p
     assert worst < 1e-5
 
 
-def test_merge_bakes_lycoris_files_into_the_base_like_lycoris(models, preset, tiny_pipeline, tmp_path):
+def test_merge_bakes_lycoris_files_into_the_base_like_lycoris(lycoris_file, tiny_pipeline, tmp_path):
     """The merge command on a full-difference file (weights and biases, strength 0.6) and on LoHa with DoRA per
     input column (conv factors stored flattened) in single-file names: every tensor of the output is what
     lycoris merges, untouched ones included."""
     for variant in ("full", "loha-dora-per-input"):
-        path, expected, _ = _lycoris_file(models, preset, variant, tmp_path / f"{variant}.safetensors")
+        path, expected, _ = lycoris_file(variant)
         if variant != "full":
             with safe_open(str(path), "pt") as f:
                 tensors = {k: f.get_tensor(k) for k in f.keys()}
@@ -170,13 +183,15 @@ def test_merge_bakes_lycoris_files_into_the_base_like_lycoris(models, preset, ti
         out = tmp_path / f"merged-{variant}"
         report = merge(tiny_pipeline, [path], [VARIANTS[variant][2]], out, to="diffusers")
         assert report["unmatched"] == 0
-        worst = 0.0
+        worst, compared = 0.0, set()
         for c in COMPONENTS:
             source = TensorSource.open(out / c)
             for key in source:
                 normal = (c, key if c == "unet" else hf_clip_key(key))
                 if normal in expected and source[key].is_float:
                     worst = max(worst, _error(source.load(key), expected[normal]))
+                    compared.add(normal)
+        assert compared == {k for k, t in expected.items() if t.is_floating_point()}
         print(f"merge {variant}: {report['tensors_merged']} tensors merged, max relative difference {worst:.1e}")
         assert worst < 1e-5
 
@@ -211,9 +226,9 @@ def test_peft_dora_and_lora_bias_merge_like_peft(config, tiny_pipeline, tmp_path
     assert worst < 1e-5
 
 
-def test_dora_strength_moves_linearly_from_the_base_to_the_dora_merge(models, preset, tiny_pipeline, tmp_path):
+def test_dora_strength_moves_linearly_from_the_base_to_the_dora_merge(lycoris_file, tiny_pipeline):
     """Our strength for DoRA (ComfyUI's): 0 keeps the weight, 1 is lycoris' merge, and in between is linear."""
-    path, _, base = _lycoris_file(models, preset, "locon-dora", tmp_path / "dora.safetensors")
+    path, _, base = lycoris_file("locon-dora")
     for m in _read(path, tiny_pipeline).modules[:20]:
         weight = base[(m.component, m.module + ".weight")]
         full = add_lora(weight.clone(), m, 1.0)
@@ -222,10 +237,10 @@ def test_dora_strength_moves_linearly_from_the_base_to_the_dora_merge(models, pr
         torch.testing.assert_close(add_lora(weight.clone(), m, -1.0), 2 * weight - full)
 
 
-def test_kohya_output_keeps_every_variant_bit_for_bit_and_peft_output_refuses_lycoris(models, preset,
-                                                                                       tiny_pipeline, tmp_path):
+def test_kohya_output_keeps_every_variant_bit_for_bit_and_peft_output_refuses_lycoris(lycoris_file, tiny_pipeline,
+                                                                                       tmp_path):
     for variant in ("loha-tucker", "lokr-both-tucker", "full", "loha-dora-per-input"):
-        path, _, _ = _lycoris_file(models, preset, variant, tmp_path / f"{variant}.safetensors")
+        path, _, _ = lycoris_file(variant)
         again = tmp_path / f"{variant}-again.safetensors"
         convert_lora_file(path, "kohya", again)
         _assert_same_modules(_read(path, tiny_pipeline), _read(again, tiny_pipeline))
@@ -263,8 +278,7 @@ def test_peft_dora_converts_to_kohya_that_lycoris_merges_like_peft(tiny_pipeline
     assert worst < 1e-5
 
 
-@pytest.mark.parametrize("algo, variant", [("diag-oft", "OFT/BOFT"), ("boft", "OFT/BOFT"), ("glora", "GLoRA"),
-                                           ("ia3", r"\(IA\)\^3")])
+@pytest.mark.parametrize("algo, variant", [("diag-oft", "OFT/BOFT"), ("glora", "GLoRA"), ("ia3", r"\(IA\)\^3")])
 def test_other_lycoris_algorithms_are_refused_by_name(algo, variant, models, preset, tmp_path, cli):
     network = lycoris_network(copy.deepcopy(models), preset, algo)
     path = tmp_path / f"{algo}.safetensors"
