@@ -87,7 +87,7 @@ class LowRank:
         kernel = (self.down if self.mid is None else self.mid).shape[2:]
         return (up[0], down[1], *kernel) if len(up) == 4 else (up[0], down[1])
 
-    def matrices(self, dtype: torch.dtype, device) -> tuple[torch.Tensor, torch.Tensor]:
+    def matrices(self, dtype: torch.dtype, device: torch.device | str | None) -> tuple[torch.Tensor, torch.Tensor]:
         """(up, down) as matrices with up @ down = delta flattened to (out, -1)."""
         import torch
 
@@ -98,7 +98,7 @@ class LowRank:
             down = torch.einsum("abhw,bi->aihw", mid, down.reshape(down.shape[0], -1))
         return up, down.reshape(down.shape[0], -1)
 
-    def delta(self, dtype: torch.dtype, device) -> torch.Tensor:
+    def delta(self, dtype: torch.dtype, device: torch.device | str | None) -> torch.Tensor:
         up, down = self.matrices(dtype, device)
         return (up @ down).reshape(self.shape())
 
@@ -145,7 +145,7 @@ class Hadamard:
                 raise _Inconsistent(", ".join(f"{n} {list(x.shape)}" for n, x in vars(self).items() if x))
         return shapes[0]
 
-    def delta(self, dtype: torch.dtype, device) -> torch.Tensor:
+    def delta(self, dtype: torch.dtype, device: torch.device | str | None) -> torch.Tensor:
         import torch
 
         shape = self.shape()
@@ -219,7 +219,7 @@ class Kronecker:
             raise fail("lokr_w1 must be a matrix")
         return (w1[0] * w2[0], w1[1] * w2[1], *w2[2:])
 
-    def delta(self, dtype: torch.dtype, device) -> torch.Tensor:
+    def delta(self, dtype: torch.dtype, device: torch.device | str | None) -> torch.Tensor:
         import torch
 
         def load(t: LazyTensor) -> torch.Tensor:
@@ -249,7 +249,7 @@ class FullDiff:
     def shape(self) -> tuple[int, ...]:
         return self.diff.shape
 
-    def delta(self, dtype: torch.dtype, device) -> torch.Tensor:
+    def delta(self, dtype: torch.dtype, device: torch.device | str | None) -> torch.Tensor:
         return self.diff.load().to(device=device, dtype=dtype)
 
 
