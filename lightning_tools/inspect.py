@@ -168,7 +168,7 @@ def _lora_report(path: Path, found: detect.Detection) -> InspectReport:
                         f"{unknown[0] if unknown else '?'}); is it for another model?", path=path)
     per_component = Counter(m.component for m in modules)
     supported = not unknown
-    summary = LoraSummary(len(modules), dict(per_component), sorted({m.rank for m in modules}),
+    summary = LoraSummary(len(modules), dict(per_component), sorted({m.rank for m in modules if m.rank is not None}),
                           sorted({m.alpha for m in modules if m.alpha is not None}),
                           sum(m.alpha is None for m in modules),
                           [c for c in ("text_encoder", "text_encoder_2") if per_component[c]])

@@ -10,7 +10,8 @@ from lightning_tools import catalog, lora
 from lightning_tools import provenance as meta
 from lightning_tools.checkpoint import open_checkpoint, write_checkpoint
 from lightning_tools.inspect import inspect_path
-from lightning_tools.sdxl.keys import unet_module_map
+from lightning_tools.lora import module_names
+from lightning_tools.sdxl.keys import unet_names
 from lightning_tools.tiny import tiny_unet_config
 
 
@@ -24,7 +25,8 @@ def files(tiny_pipeline, tiny_lora, tmp_path_factory):
     lightning = lora.read_lora(tiny_lora)
     lora.write_lora(lightning.modules, out / "peft.safetensors", format="peft")
     single_names = {"lora_unet_" + d.replace(".", "_"): "lora_unet_" + s.replace(".", "_")
-                    for d, s in unet_module_map(tiny_unet_config()).items()}
+                    for d, s in ((m, unet_names(tiny_unet_config()).to_single(m))
+                                 for m in module_names("unet", tiny_unet_config()))}
     renamed = {}
     for key, t in load_file(str(tiny_lora)).items():
         stem, _, part = key.partition(".")
