@@ -193,7 +193,7 @@ def test_merge_bakes_lycoris_files_into_the_base_like_lycoris(lycoris_file, tiny
                     worst = max(worst, _error(source.load(key), expected[normal]))
                     compared.add(normal)
         assert compared == {k for k, t in expected.items() if t.is_floating_point()}
-        print(f"merge {variant}: {report['tensors_merged']} tensors merged, max relative difference {worst:.1e}")
+        print(f"merge {variant}: {report.tensors_merged} tensors merged, max relative difference {worst:.1e}")
         assert worst < 1e-5
 
 
