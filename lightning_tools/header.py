@@ -1,4 +1,5 @@
-"""The safetensors format: its dtypes, and the one strict parser of its header that every reader and the writer use.
+"""The safetensors header: where each tensor lives in a file, read by the one strict parser that every reader
+and the writer use.
 
 A header is untrusted input: a file from anywhere must give either tensors whose byte ranges are exactly right or
 one `CorruptFile` line, never a traceback, a hang or a huge allocation. The checks follow the reference (Rust)
@@ -25,22 +26,14 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import NamedTuple
 
+from lightning_tools import dtypes
 from lightning_tools.errors import CorruptFile, UserError
 from lightning_tools.outputs import os_error
 
 MAX_HEADER = 100_000_000  # the Rust reader's MAX_HEADER_SIZE
 _LIMIT = 2 ** 64  # element counts, byte sizes and offsets are u64/usize in the format
-
-# The safetensors dtypes this tool reads and writes: code -> (bytes per element, torch dtype name).
-DTYPES: dict[str, tuple[int, str]] = {
-    "F64": (8, "float64"), "F32": (4, "float32"), "F16": (2, "float16"), "BF16": (2, "bfloat16"),
-    "F8_E4M3": (1, "float8_e4m3fn"), "F8_E5M2": (1, "float8_e5m2"),
-    "I64": (8, "int64"), "I32": (4, "int32"), "I16": (2, "int16"), "I8": (1, "int8"),
-    "U64": (8, "uint64"), "U32": (4, "uint32"), "U16": (2, "uint16"), "U8": (1, "uint8"), "BOOL": (1, "bool"),
-}
-ITEM_SIZE = {code: size for code, (size, _) in DTYPES.items()}
-FLOAT_CODES = frozenset({"F64", "F32", "F16", "BF16", "F8_E4M3", "F8_E5M2"})
-# The format's other dtypes (sub-byte and microscaling floats, FNUZ float8, complex): valid files, refused by name.
+# The format's dtypes that `dtypes` (what torch holds here) lacks: sub-byte and microscaling floats, FNUZ float8,
+# complex. Valid files, refused by name.
 OTHER_DTYPES = frozenset({"F4", "F6_E2M3", "F6_E3M2", "F8_E8M0", "F8_E4M3FNUZ", "F8_E5M2FNUZ", "C64"})
 
 
@@ -65,7 +58,7 @@ class TensorInfo:
 
     @property
     def is_float(self) -> bool:
-        return self.dtype in FLOAT_CODES
+        return self.dtype in dtypes.FLOAT_CODES
 
 
 class Header(NamedTuple):
@@ -185,13 +178,13 @@ def _entry(name: str, entry: object, path: Path) -> tuple[str, str, tuple[int, .
     dtype, shape, offsets = entry["dtype"], entry["shape"], entry["data_offsets"]
     if isinstance(dtype, str) and dtype in OTHER_DTYPES:
         raise UserError(f"{path}: tensor {_short(name)} is {dtype}, a safetensors dtype this tool does not handle "
-                        f"(it handles {', '.join(DTYPES)})")
-    if not isinstance(dtype, str) or dtype not in DTYPES:
+                        f"(it handles {', '.join(dtypes.ITEM_SIZE)})")
+    if not isinstance(dtype, str) or dtype not in dtypes.ITEM_SIZE:
         raise corrupt(path, f"tensor {_short(name)} has unknown dtype {_short(dtype)}")
     if not isinstance(shape, list) or not all(_is_u64(d) for d in shape):
         raise corrupt(path, f"tensor {_short(name)} has shape {_short(shape)}; dimensions must be non-negative "
                             "integers")
-    nbytes = _nbytes(shape, ITEM_SIZE[dtype])
+    nbytes = _nbytes(shape, dtypes.ITEM_SIZE[dtype])
     if nbytes is None:
         raise corrupt(path, f"tensor {_short(name)} of shape {_short(shape)} has more elements than 64 bits can count")
     if not (isinstance(offsets, list) and len(offsets) == 2 and all(_is_u64(o) for o in offsets)):

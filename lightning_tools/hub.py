@@ -16,13 +16,11 @@ the cache names each LFS blob by the sha256 the hub gave for it, and `manifest_e
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import json
-import logging
 import os
 import re
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -31,6 +29,7 @@ from lightning_tools.catalog import CatalogEntry
 from lightning_tools.errors import UsageError, UserError
 from lightning_tools.outputs import locked
 from lightning_tools.progress import bar
+from lightning_tools.report import Report
 from lightning_tools.tensors import atomic_output, hash_file
 
 MANIFEST_NAME = "lightning-manifest.json"
@@ -186,9 +185,8 @@ def list_repo(env: HubEnv, repo_id: str, revision: str) -> tuple[Listing | None,
     if env.offline:
         return None, "offline mode (HF_HUB_OFFLINE) is on"
     try:
-        with _quiet_retries():
-            info = HfApi(endpoint=env.endpoint).model_info(repo_id, revision=revision, files_metadata=True,
-                                                           timeout=constants.DEFAULT_ETAG_TIMEOUT)
+        info = HfApi(endpoint=env.endpoint).model_info(repo_id, revision=revision, files_metadata=True,
+                                                       timeout=constants.DEFAULT_ETAG_TIMEOUT)
     except (httpx2.ConnectError, httpx2.TimeoutException) as e:
         return None, f"cannot reach {env.endpoint} ({type(e).__name__}: {e})"
     except (errors.HfHubHTTPError, errors.HFValidationError, httpx2.HTTPError) as e:
@@ -199,22 +197,6 @@ def list_repo(env: HubEnv, repo_id: str, revision: str) -> tuple[Listing | None,
     files = {s.rfilename: (s.lfs.sha256 if s.lfs else None, s.lfs.size if s.lfs else s.size)
              for s in info.siblings or []}
     return Listing(info.sha, files), None
-
-
-@contextlib.contextmanager
-def _quiet_retries() -> Iterator[None]:
-    """huggingface_hub logs a warning for every retry (a dropped connection gives a dozen lines before its
-    error); the error we raise says what failed, once. With `--verbose` (our logger at DEBUG) they show."""
-    if logging.getLogger("lightning_tools").isEnabledFor(logging.DEBUG):
-        yield
-        return
-    hub_logger = logging.getLogger("huggingface_hub")
-    level = hub_logger.level
-    hub_logger.setLevel(logging.ERROR)
-    try:
-        yield
-    finally:
-        hub_logger.setLevel(level)
 
 
 def check_revision(revision: str) -> None:
@@ -233,7 +215,7 @@ class _Expected:
 
 
 def fetch(entries: Sequence[CatalogEntry], dest: Path | str | None = None, repo_id: str = catalog.REPO_ID,
-          revision: str | None = None, overwrite: bool = False) -> list[Fetched]:
+          revision: str | None = None, overwrite: bool = False) -> "FetchReport":
     """Download (or find) each entry's file, verify its sha256, and return where the verified files are.
 
     Without `dest` the files stay in the hub cache and the returned paths point there. With `dest` each file is
@@ -266,7 +248,7 @@ def fetch(entries: Sequence[CatalogEntry], dest: Path | str | None = None, repo_
         results.append(_fetch_one(env, entry.filename, repo_id, revision, listing, unreachable, expected, dest))
     if dest is not None and results:
         _write_manifest(dest, results)
-    return results
+    return FetchReport(results)
 
 
 def _expected(entry: CatalogEntry, official: bool, listing: Listing | None, repo_id: str, revision: str,
@@ -350,9 +332,8 @@ def _download(env: HubEnv, repo_id: str, filename: str, revision: str, local_onl
     from huggingface_hub import errors, hf_hub_download
 
     try:
-        with _quiet_retries():
-            return hf_hub_download(repo_id, filename, revision=revision, cache_dir=env.cache_dir,
-                                   endpoint=env.endpoint, local_files_only=local_only, tqdm_class=_download_bar)
+        return hf_hub_download(repo_id, filename, revision=revision, cache_dir=env.cache_dir,
+                               endpoint=env.endpoint, local_files_only=local_only, tqdm_class=_download_bar)
     except errors.LocalEntryNotFoundError as e:
         why = unreachable or f"cannot reach {env.endpoint}"
         raise UserError(f"{filename}: {why}, and it is not in the hub cache ({env.cache_dir}); "
@@ -385,30 +366,28 @@ def _verify(cached: Path, filename: str, expected: _Expected, dest: Path | None)
     size = cached.stat().st_size
     if expected.size is not None and size != expected.size:
         raise _Mismatch(f"{size} bytes instead of {expected.size}")
-    with bar(size, f"verifying {filename}") as progress:
-        if dest is None:
-            actual = hash_file(cached, progress=progress)
+    if dest is None:
+        actual = hash_file(cached, desc=f"verifying {filename}")
+        if actual != expected.sha256:
+            raise _Mismatch(f"sha256 {actual}")
+    else:
+        with atomic_output(dest / filename, overwrite=True) as tmp:
+            actual = _copy_hashing(cached, tmp, f"verifying {filename}")
             if actual != expected.sha256:
                 raise _Mismatch(f"sha256 {actual}")
-        else:
-            with atomic_output(dest / filename, overwrite=True) as tmp:
-                actual = _copy_hashing(cached, tmp, progress)
-                if actual != expected.sha256:
-                    raise _Mismatch(f"sha256 {actual}")
     return size
 
 
-def _copy_hashing(src: Path, dst: Path, progress=None) -> str:
+def _copy_hashing(src: Path, dst: Path, desc: str) -> str:
     """Copy `src` to `dst` and return the sha256 of what was copied: one read serves both."""
     digest = hashlib.sha256()
     buf = bytearray(_CHUNK)
     view = memoryview(buf)
-    with open(src, "rb", buffering=0) as f, open(dst, "wb") as out:
+    with open(src, "rb", buffering=0) as f, open(dst, "wb") as out, bar(src.stat().st_size, desc) as progress:
         while n := f.readinto(buf):
             digest.update(view[:n])
             out.write(view[:n])
-            if progress is not None:
-                progress.update(n)
+            progress.update(n)
     return digest.hexdigest()
 
 
@@ -418,3 +397,21 @@ def _remove_from_cache(pointer: Path) -> None:
     for p in (pointer, blob):
         if p.is_symlink() or p.exists():
             p.unlink()
+
+
+@dataclass
+class FetchReport(Report):
+    """The verified files of one fetch."""
+
+    files: list[Fetched]
+
+    def to_json(self) -> list:  # type: ignore[override]
+        return [f.as_dict() for f in self.files]
+
+    def describe(self) -> str:
+        return "\n".join(str(f.path) for f in self.files)
+
+    def notes(self) -> list[str]:
+        """What each file was checked against, for stderr (stdout stays the list of paths)."""
+        return [f"{f.filename}: {f.action}, sha256 {f.sha256[:12]}… matches "
+                + ("the official file" if f.official else f"{f.repo_id}'s listed hash") for f in self.files]

@@ -439,7 +439,7 @@ def _handler(signum: int, frame) -> None:
 
 
 @contextlib.contextmanager
-def interrupts_raise() -> Iterator[None]:
+def signals_as_errors() -> Iterator[None]:
     """Inside, SIGINT, SIGTERM and SIGHUP raise `Interrupted` in the main thread, once, so every `output` on the
     stack cleans up on the way out. A signal the process ignores (nohup's SIGHUP) stays ignored. Elsewhere than
     in the main thread this does nothing."""

@@ -25,7 +25,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from lightning_tools import metadata as meta
+from lightning_tools import provenance as meta
 from lightning_tools.errors import OutputError
 from lightning_tools.extract import extract_lora
 from lightning_tools.header import read_header
@@ -215,7 +215,7 @@ def _in_threads(*calls) -> list[BaseException | None]:
 def test_concurrent_merges_to_one_folder(tiny_pipeline, tiny_lora, tmp_path):
     out = tmp_path / "merged"
     strengths = (0.5, 1.0)
-    raised = _in_threads(*(lambda s=s: merge(tiny_pipeline, [tiny_lora], [s], out) for s in strengths))
+    raised = _in_threads(*(lambda s=s: merge(tiny_pipeline, [tiny_lora], out, strengths=[s]) for s in strengths))
     weights = out / "unet" / "diffusion_pytorch_model.safetensors"
     assert meta.read_sources(read_header(weights).metadata)[1]["strength"] == strengths[raised.index(None)]
     assert sorted(p.name for p in tmp_path.iterdir()) == ["merged"] and temps(tmp_path) == []
@@ -224,10 +224,10 @@ def test_concurrent_merges_to_one_folder(tiny_pipeline, tiny_lora, tmp_path):
 def test_concurrent_extracts_to_one_output(tiny_pipeline, tiny_lora, tmp_path):
     """Each extraction keeps its factors under its own temporary name: the winner's file is all its own."""
     tuned = tmp_path / "tuned.safetensors"
-    merge(tiny_pipeline, [tiny_lora], [1.0], tuned)
+    merge(tiny_pipeline, [tiny_lora], tuned)
     out = tmp_path / "out" / "extracted.safetensors"
     ranks = (2, 4)
-    raised = _in_threads(*(lambda r=r: extract_lora(tiny_pipeline, tuned, out, r) for r in ranks))
+    raised = _in_threads(*(lambda r=r: extract_lora(tiny_pipeline, tuned, out, rank=r) for r in ranks))
     rank = ranks[raised.index(None)]
     tensors, metadata, _ = read_header(out)
     assert json.loads(metadata[meta.EXTRACT])["rank"] == rank

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import copy
 import json
+import re
 import struct
 from pathlib import Path
 
@@ -154,14 +155,23 @@ def test_corrupt_header_is_one_line_everywhere(real_file, tmp_path, cli, case, b
             with safe_open(str(path), "pt") as f:
                 [f.get_tensor(k) for k in f.keys()]
 
+    # The commands first tell what a file is from its first bytes: a file that does not even start like
+    # safetensors is named for what it is instead.
+    reason = fragment if _looks_like_safetensors(path) else "not a weights file"
     verify = cli("verify", path)
     line = assert_one_error(verify)
-    assert "FAIL" in verify.output and fragment in verify.output and str(path) in line
+    assert "FAIL" in verify.output and reason in verify.output and str(path) in line
     assert_one_error(cli("verify", "--deep", path), fragment=None)
-    assert_one_error(cli("inspect", path), fragment=fragment)
+    assert_one_error(cli("inspect", path), fragment=reason)
     assert_one_error(cli("convert", path, "--to", "comfyui", "--out", tmp_path / "out.safetensors"),
-                     fragment=fragment)
+                     fragment=reason)
     assert not (tmp_path / "out.safetensors").exists()
+
+
+def _looks_like_safetensors(path: Path) -> bool:
+    from lightning_tools.pickles import sniff
+
+    return sniff(path) in ("safetensors", "unknown")
 
 
 @pytest.mark.parametrize("dtype, shape, nbytes", UNSUPPORTED, ids=[u[0] for u in UNSUPPORTED])
@@ -200,8 +210,8 @@ def test_verify_reports_a_bad_file_and_goes_on(real_file, tmp_path, cli):
 
 
 @pytest.mark.parametrize("alpha, fragment", [
-    (torch.zeros(0), "holds 0 values"),
-    (torch.tensor([1.0, 2.0]), "holds 2 values"),
+    (torch.zeros(0), "should hold one number but has shape [0]"),
+    (torch.tensor([1.0, 2.0]), "should hold one number but has shape [2]"),
 ], ids=["zero-size alpha", "two-element alpha"])
 def test_lora_alpha_must_be_one_number(tmp_path, cli, tiny_pipeline, alpha, fragment):
     tensors = make_lightning_lora(tiny_unet_config(), rank=4)
@@ -209,7 +219,7 @@ def test_lora_alpha_must_be_one_number(tmp_path, cli, tiny_pipeline, alpha, frag
     tensors[key] = alpha
     path = tmp_path / "lora.safetensors"
     save_file(tensors, str(path))
-    with pytest.raises(CorruptFile, match=fragment):
+    with pytest.raises(CorruptFile, match=re.escape(fragment)):
         lora.read_lora(path)
     assert_one_error(cli("verify", path), fragment=None)
     assert_one_error(cli("inspect", path), fragment=fragment)

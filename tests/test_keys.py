@@ -12,7 +12,8 @@ from transformers import CLIPTextConfig, CLIPTextModelWithProjection
 
 from lightning_tools.sdxl import keys as K
 from lightning_tools.sdxl.detect import base_config, expected_shapes
-from lightning_tools.tensors import LazyTensor, TensorSource
+from lightning_tools.stream import LazyTensor
+from lightning_tools.tensors import TensorSource
 
 COMPONENTS = ("unet", "vae", "text_encoder", "text_encoder_2")
 
@@ -33,7 +34,7 @@ def _diffusers_reading(single: dict[str, torch.Tensor], configs: dict) -> dict[s
     return {"unet": sfu.convert_ldm_unet_checkpoint(single, configs["unet"]),
             "vae": sfu.convert_ldm_vae_checkpoint(single, configs["vae"]),
             "text_encoder": sfu.convert_ldm_clip_checkpoint(single),
-            "text_encoder_2": sfu.convert_open_clip_checkpoint(clip_g, single, prefix=K.CLIP_G_PREFIX)}
+            "text_encoder_2": sfu.convert_open_clip_checkpoint(clip_g, single, prefix=K.PREFIXES["text_encoder_2"])}
 
 
 def test_tiny_single_file_reads_back_exactly_with_diffusers_converters(tiny_pipeline):
@@ -108,7 +109,7 @@ def test_full_size_sdxl_names_and_shapes_match_diffusers():
                        "conditioner.embedders.1.model.logit_scale": ()}.items():
         assert tuple(single[key].shape) == shape, key
     counts = {p: sum(k.startswith(p) for k in single) for p in K.PREFIXES.values()}
-    assert counts == {K.UNET_PREFIX: 1680, K.VAE_PREFIX: 248, K.CLIP_L_PREFIX: 197, K.CLIP_G_PREFIX: 390}
+    assert counts == {K.UNET_PREFIX: 1680, K.PREFIXES["vae"]: 248, K.PREFIXES["text_encoder"]: 197, K.PREFIXES["text_encoder_2"]: 390}
     read = _diffusers_reading(single, configs)
     read["text_encoder"].pop(K.POSITION_IDS)
     for c in COMPONENTS:
@@ -124,15 +125,17 @@ def test_position_ids_are_int64_whatever_the_weights():
     assert ids.dtype == "I64" and torch.equal(ids.load(), torch.arange(77).unsqueeze(0))
 
 
-def test_unet_module_map_names_lora_targets():
-    mapping = K.unet_module_map(base_config("unet"))
+def test_every_sdxl_unet_module_has_one_single_file_name():
+    from lightning_tools.lora import module_names
+
+    names = K.unet_names(base_config("unet"))
+    mapping = {m: names.to_single(m) for m in module_names("unet", base_config("unet"))}
     assert mapping["down_blocks.1.attentions.0.transformer_blocks.1.attn1.to_q"] == \
         "input_blocks.4.1.transformer_blocks.1.attn1.to_q"
     assert mapping["up_blocks.0.upsamplers.0.conv"] == "output_blocks.2.2.conv"
     assert mapping["up_blocks.2.resnets.0.conv_shortcut"] == "output_blocks.6.0.skip_connection"
     assert mapping["mid_block.resnets.1.time_emb_proj"] == "middle_block.2.emb_layers.1"
-    assert len(set(mapping.values())) == len(mapping)
-    names = K.unet_names(base_config("unet"))
+    assert None not in mapping.values() and len(set(mapping.values())) == len(mapping)
     assert all(names.to_diffusers(single) == module for module, single in mapping.items())
 
 

@@ -17,7 +17,7 @@ import pytest
 
 from lightning_tools import outputs
 from lightning_tools.errors import Interrupted, OutputError, UserError
-from lightning_tools.outputs import (MARKER, check_containment, deferred_interrupts, interrupts_raise, locked,
+from lightning_tools.outputs import (MARKER, check_containment, deferred_interrupts, signals_as_errors, locked,
                                      os_error, output, stale_temps, sweep_stale, temp_path)
 
 
@@ -286,7 +286,7 @@ def test_write_error_names_the_output_and_cleans_up(tmp_path):
 def test_signal_cleans_up_and_exits_128_plus_its_number(tmp_path, signum, kind):
     before = signal.getsignal(signum)
     with pytest.raises(Interrupted) as caught:
-        with interrupts_raise():
+        with signals_as_errors():
             with output(tmp_path / "out") as tmp:
                 if kind == "folder":
                     tmp.mkdir()
@@ -301,7 +301,7 @@ def test_signal_cleans_up_and_exits_128_plus_its_number(tmp_path, signum, kind):
 
 def test_signal_while_publishing_waits_for_the_publish(tmp_path):
     with pytest.raises(Interrupted):
-        with interrupts_raise():
+        with signals_as_errors():
             with deferred_interrupts():
                 os.kill(os.getpid(), signal.SIGTERM)
                 signal.pthread_sigmask(signal.SIG_BLOCK, [])
@@ -312,7 +312,7 @@ def test_signal_while_publishing_waits_for_the_publish(tmp_path):
 def test_ignored_signal_stays_ignored(tmp_path):
     previous = signal.signal(signal.SIGHUP, signal.SIG_IGN)  # as under nohup
     try:
-        with interrupts_raise():
+        with signals_as_errors():
             with output(tmp_path / "out") as tmp:
                 tmp.write_text("done")
                 os.kill(os.getpid(), signal.SIGHUP)
