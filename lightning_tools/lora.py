@@ -152,8 +152,12 @@ class _KohyaNames:
         for component, names in targets.items():
             prefixes = [p for p, c in _KOHYA_PREFIX.items() if c == component]
             for name in names:
+                # Text encoder names also without `text_model.`: diffusers' convert_state_dict_to_kohya writes them
+                # so from a transformers >= 5.6 CLIPTextModel (`lora_te1_encoder_layers_0_...`).
+                spellings = [name] if component == "unet" else [name, name.removeprefix(TE_PREFIX)]
                 for prefix in prefixes:
-                    self._table[prefix + name.replace(".", "_")] = (component, name)
+                    for spelling in spellings:
+                        self._table[prefix + spelling.replace(".", "_")] = (component, name)
         if unet_config is not None and "unet" in targets:
             from lightning_tools.sdxl.keys import unet_names
 
