@@ -57,9 +57,9 @@ _CLIP_LAYER = r"text_model\.encoder\.layers\.\d+\.(mlp\.fc1|mlp\.fc2|self_attn\.
 
 # Down-weight suffixes each loader reads, per component. diffusers: kohya files through its kohya conversion,
 # peft files through utils/state_dict_utils.py (UNet: UNET_TO_DIFFUSERS turns `.lora.down` into `.lora_A`;
-# text encoders: DIFFUSERS_TO_PEFT turns `.lora_linear_layer.down` into `.lora_A`, and a `.lora.down` text
-# encoder key makes `load_lora_weights` refuse the file, see `_refusal`). ComfyUI and Forge: LoRAAdapter.load's
-# regular, diffusers2, diffusers3 and transformers forms. A1111: ModuleTypeLora (lora_up/down, lora_A/B).
+# text encoders: DIFFUSERS_TO_PEFT turns `.lora_linear_layer.down` into `.lora_A`, not `.lora.down`).
+# ComfyUI and Forge: LoRAAdapter.load's regular, diffusers2, diffusers3 and transformers forms. A1111:
+# ModuleTypeLora (lora_up/down, lora_A/B).
 _TE = ("text_encoder", "text_encoder_2")
 _SUFFIXES: dict[Loader, dict[str, frozenset[str]]] = {
     "diffusers": {"unet": frozenset({_KOHYA, _PEFT, _DOT, _LINEAR_LAYER}),
@@ -135,6 +135,13 @@ _HINTS: dict[tuple[Loader, str], str] = {
     ("a1111", "peft"): "it reads kohya names only (it takes each key's name up to its first dot)",
     ("a1111", "kohya"): "it places diffusers-named UNet blocks by SD1.5's layout; single-file names work",
 }
+# diffusers guesses each text encoder's key format (utils/state_dict_utils.py convert_state_dict_to_diffusers and
+# _to_peft): after its kohya renaming, an out_proj module marks the old diffusers format and an MLP module the new
+# one; in peft files, `lora_A` or `lora_linear_layer` keys. A text encoder with no marker makes load_lora_weights
+# refuse the file, and in the new format the q/k/v modules stay in the old spelling and are silently left out.
+_DIFFUSERS_OLD_MARK = (".self_attn.out_proj",)
+_DIFFUSERS_NEW_MARK = (".mlp.fc1", ".mlp.fc2")
+_DIFFUSERS_OLD_ONLY = (".self_attn.q_proj", ".self_attn.k_proj", ".self_attn.v_proj")
 # Forge skips the whole LoRA when more than this many keys match nothing (networks.py load_lora_for_models).
 _FORGE_UNMATCHED_LIMIT = 12
 # A1111 applies bigG's q/k/v/out LoRAs to OpenCLIP's fused attention only as a set of four per layer
@@ -204,9 +211,9 @@ class LoaderCoverage:
 
     def to_json(self, examples: int = 5) -> dict:
         return {"loader": self.loader, "name": LOADER_NAMES[self.loader], "modules": self.modules,
-                "applied": self.applied, "dropped": len(self.dropped), "dropped_examples": list(self.dropped[:examples]),
-                "alpha": self.alpha, "wrong_scale": self.wrong_scale, "complete": self.complete,
-                "refused": self.refused, "note": self.note}
+                "applied": self.applied, "dropped": len(self.dropped),
+                "dropped_examples": list(self.dropped[:examples]), "alpha": self.alpha,
+                "wrong_scale": self.wrong_scale, "complete": self.complete, "refused": self.refused, "note": self.note}
 
 
 @dataclass(frozen=True)
@@ -325,8 +332,12 @@ def _applied(loader: Loader, f: _File) -> list[bool]:
     for m in f.modules:
         ok = m.module is not None and m.suffix in _SUFFIXES[loader][m.component]
         verdicts.append(ok and m.name in _names(loader, m.component, _spellings(m.component, m.module, to_single)))
-    if loader == "diffusers" and f.layout == "kohya" and _mixes_block_names(f.keys):
-        verdicts = [v and not any(p in m.name for p in _SGM_BLOCKS) for v, m in zip(verdicts, f.modules)]
+    if loader == "diffusers" and f.layout == "kohya":
+        mixed = _mixes_block_names(f.keys)
+        new_form = {c for c in _TE if _diffusers_text_encoder_form(f, c) == "new"}
+        verdicts = [v and not (mixed and any(p in m.name for p in _SGM_BLOCKS))
+                    and not (m.component in new_form and m.module.endswith(_DIFFUSERS_OLD_ONLY))
+                    for v, m in zip(verdicts, f.modules)]
     if loader == "a1111":
         verdicts = _a1111_fused_attention(f.modules, verdicts)
     return verdicts
@@ -336,6 +347,16 @@ def _mixes_block_names(keys: Iterable[str]) -> bool:
     """diffusers' _maybe_map_sgm_blocks_to_diffusers drops the single-file-named keys of a file that has both."""
     keys = list(keys)
     return any(p in k for k in keys for p in _SGM_BLOCKS) and any(p in k for k in keys for p in _DIFFUSERS_BLOCKS)
+
+
+def _diffusers_text_encoder_form(f: _File, component: str) -> str | None:
+    """The key format diffusers infers for one text encoder's modules (None: it cannot tell)."""
+    modules = [m for m in f.modules if m.component == component]
+    if f.layout == "peft":
+        return "peft" if any(m.suffix in (_PEFT, _LINEAR_LAYER) for m in modules) else None
+    if any(m.module.endswith(_DIFFUSERS_OLD_MARK) for m in modules):
+        return "old"
+    return "new" if any(m.module.endswith(_DIFFUSERS_NEW_MARK) for m in modules) else None
 
 
 def _a1111_fused_attention(modules: tuple[_Module, ...], verdicts: list[bool]) -> list[bool]:
@@ -359,12 +380,13 @@ def _refusal(loader: Loader, f: _File) -> str | None:
             odd = next((k for k in sorted(f.keys) if "lora" not in k), None)
             if odd:
                 return f"load_lora_weights refuses keys without 'lora' in their name ({odd})"
-            legacy = next((m.name for m in f.modules if m.component in _TE and m.suffix == _DOT), None)
-            if legacy:
-                return f"load_lora_weights cannot tell the format of text encoder keys like {legacy}{_DOT}"
         mid = next((k for k in sorted(f.keys) if k.endswith(_MID)), None)
         if f.layout == "kohya" and mid:
             return f"its kohya conversion does not take LoCon mid weights ({mid})"
+        for component in _TE:
+            if any(m.component == component for m in f.modules) and _diffusers_text_encoder_form(f, component) is None:
+                need = "an out_proj or MLP module" if f.layout == "kohya" else "lora_A or lora_linear_layer keys"
+                return f"load_lora_weights cannot tell the format of the {component} keys (it needs {need})"
     return None
 
 
@@ -372,9 +394,9 @@ def _coverage(loader: Loader, f: _File) -> LoaderCoverage:
     refusal = _refusal(loader, f)
     verdicts = [False] * len(f.modules) if refusal else _applied(loader, f)
     notes = [f"it refuses the file: {refusal}"] if refusal else []
-    unknown = sum(m.module is None for m in f.modules)
+    unknown = [m.name for m in f.modules if m.module is None]
     if unknown:
-        notes.append(f"{_modules(unknown)} adapt nothing in SDXL")
+        notes.append(f"SDXL has no module for {_modules(len(unknown))} (e.g. {unknown[0]})")
     unnamed = [m.name for m, ok in zip(f.modules, verdicts) if not ok and m.module is not None]
     if unnamed and not refusal:
         hint = _HINTS.get((loader, f.layout))

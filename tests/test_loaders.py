@@ -9,6 +9,7 @@ import subprocess
 import sys
 
 import pytest
+import torch
 from safetensors import safe_open
 
 from lightning_tools.loaders import LOADERS, coverage, comfyui_ready, describe, kohya_copy
@@ -45,7 +46,21 @@ def files(tiny_pipeline, tmp_path_factory):
                                    d / "single_file.safetensors"),
         "lycoris locon": lycoris_locon(tiny_pipeline, d / "locon.safetensors", tucker=False),
         "lycoris tucker": lycoris_locon(tiny_pipeline, d / "locon_tucker.safetensors", tucker=True),
+        "kohya te odd": write(_odd_text_encoder_lora(tiny_pipeline, ("_q_proj.", "_mlp_fc1.")), d / "odd.safetensors"),
+        "kohya te queries": write(_odd_text_encoder_lora(tiny_pipeline, ("_q_proj.",)), d / "queries.safetensors"),
     }
+
+
+def _odd_text_encoder_lora(pipeline, bigg: tuple[str, ...]) -> dict:
+    """kohya text encoder modules as some trainers write them: CLIP-L under the SD1 prefix `lora_te_`, and bigG on
+    some projections only (`bigg`: key fragments to keep)."""
+    out = {}
+    for key, value in kohya_te_lora(pipeline).items():
+        if key.startswith("lora_te1_"):
+            out["lora_te_" + key.removeprefix("lora_te1_")] = value
+        elif any(part in key for part in bigg):
+            out[key] = value
+    return out
 
 
 @pytest.fixture(scope="module")
@@ -68,7 +83,8 @@ def _adapted(pipe) -> dict[tuple[str, str], float]:
 
 
 @pytest.mark.parametrize("name", ["source", "our peft", "our kohya", "diffusers peft", "diffusers kohya",
-                                  "kohya single-file", "lycoris locon", "lycoris tucker"])
+                                  "kohya single-file", "lycoris locon", "lycoris tucker", "kohya te odd",
+                                  "kohya te queries"])
 def test_diffusers_adapts_exactly_the_modules_claimed_at_the_claimed_scale(tiny_pipeline, files, claims, name):
     from diffusers import StableDiffusionXLPipeline
 
@@ -95,8 +111,13 @@ def test_the_files_cover_what_the_claims_need(claims):
     assert scales["source"] == scales["our peft"] == scales["diffusers peft"] == {0.5}
     assert scales["diffusers kohya"] == {1.0}  # convert_state_dict_to_kohya writes alpha = rank
     diffusers = {name: c["diffusers"] for name, (_, c) in claims.items()}
-    assert diffusers["lycoris tucker"].refused and "lora_mid" in diffusers["lycoris tucker"].refused
-    assert all(c.complete for name, c in diffusers.items() if name != "lycoris tucker")
+    assert "lora_mid" in diffusers["lycoris tucker"].refused
+    assert "text_encoder_2" in diffusers["kohya te queries"].refused
+    bigg_queries = {m.name for m in claims["kohya te odd"][0].modules if m.name.endswith("_q_proj")
+                    and m.component == "text_encoder_2"}
+    assert bigg_queries and set(diffusers["kohya te odd"].dropped) == bigg_queries
+    odd = ("lycoris tucker", "kohya te queries", "kohya te odd")
+    assert all(c.complete for name, c in diffusers.items() if name not in odd)
 
 
 def test_our_peft_file_loses_its_attention_and_its_alpha_in_comfyui(claims):
@@ -150,6 +171,20 @@ def test_what_diffusers_writes_with_transformers_5_loses_clip_l_elsewhere(claims
     assert set(c["comfyui"].dropped) == clip_l and c["comfyui"].alpha == "alpha/rank"
     assert c["forge"].applied == 0  # 3 keys per CLIP-L module unmatched: far over Forge's 12
     assert set(c["a1111"].dropped) == clip_l | {A1111_MISPLACED}
+    assert comfyui_ready(lora).command  # our kohya writer spells CLIP-L with text_model
+
+
+def test_a1111_needs_lora_te1_and_whole_bigg_attention_sets(claims):
+    """A1111 on SDXL maps CLIP-L only as `lora_te1_text_model_*`, and applies bigG's q/k/v/out to OpenCLIP's fused
+    attention only as a set of four per layer; ComfyUI and Forge take both."""
+    lora, c = claims["kohya te odd"]
+    assert {m.name[:9] for m in lora.modules} == {"lora_te_t", "lora_te2_"}
+    applied = {m.name for m in lora.modules if m.name not in c["a1111"].dropped}
+    assert applied and all(name.startswith("lora_te2_") and name.endswith("_mlp_fc1") for name in applied)
+    assert c["a1111"].applied == len(applied) == 10  # the bigG stand-in has 10 layers
+    assert c["comfyui"].complete and c["forge"].complete
+    full = claims["source"][1]["a1111"]
+    assert not any(name.startswith(("lora_te1_", "lora_te2_")) for name in full.dropped)
 
 
 def test_comfyui_ready_gives_the_exact_command_and_the_copy_it_writes_loads_completely(files, claims, cli):
@@ -169,6 +204,19 @@ def test_comfyui_ready_gives_the_exact_command_and_the_copy_it_writes_loads_comp
     assert comfyui_ready(claims["source"][0]) is None
 
 
+def test_no_copy_is_offered_when_modules_name_nothing_in_sdxl(files, tmp_path):
+    """An SD1.5 module (attention in the first down block, which SDXL lacks) is dropped by every loader, and no
+    format we write changes that."""
+    stem = "lora_unet_down_blocks_0_attentions_0_transformer_blocks_0_attn1_to_q"
+    sd15 = {stem + ".lora_down.weight": torch.zeros(2, 8), stem + ".lora_up.weight": torch.zeros(8, 2)}
+    lora = read_lora(write(_tensors(files["source"]) | sd15, tmp_path / "mixed_arch.safetensors"))
+    c = coverage(lora)
+    assert all(stem in c[loader].dropped and not c[loader].complete for loader in LOADERS)
+    assert f"SDXL has no module for 1 module (e.g. {stem})" in c["comfyui"].note
+    advice = comfyui_ready(lora)
+    assert advice.command is None and advice.copy is None and str(advice).endswith("no format we write fixes this")
+
+
 def test_the_coverage_report_is_json_and_one_line(claims):
     c = claims["our peft"][1]
     data = json.loads(json.dumps({loader: cov.to_json() for loader, cov in c.items()}))
@@ -179,6 +227,7 @@ def test_the_coverage_report_is_json_and_one_line(claims):
 
 
 def test_the_module_is_header_only_at_import():
-    code = "import sys, lightning_tools.loaders; print(sorted({'torch', 'diffusers', 'transformers'} & set(sys.modules)))"
+    code = ("import sys, lightning_tools.loaders; "
+            "print(sorted({'torch', 'diffusers', 'transformers'} & set(sys.modules)))")
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert result.stdout.strip() == "[]"
