@@ -82,7 +82,7 @@ def _adapted(pipe) -> dict[tuple[str, str], float]:
     return out
 
 
-@pytest.mark.parametrize("name", ["source", "our peft", "our kohya", "diffusers peft", "diffusers kohya",
+@pytest.mark.parametrize("name", ["our peft", "our kohya", "diffusers peft", "diffusers kohya",
                                   "kohya single-file", "lycoris locon", "lycoris tucker", "kohya te odd",
                                   "kohya te queries"])
 def test_diffusers_adapts_exactly_the_modules_claimed_at_the_claimed_scale(tiny_pipeline, files, claims, name):
