@@ -6,17 +6,15 @@ received are the published ones, and `inspect`/`verify` can recognise an officia
 
 from __future__ import annotations
 
-import json
 import re
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 
-from lightning_tools import metadata as meta
 from lightning_tools.errors import UserError
+from lightning_tools.report import Report
 
 REPO_ID = "ByteDance/SDXL-Lightning"
 REVISION = "c9a24f48e1c025556787b0c58dd67a091ece2e44"
-SDXL_BASE_REPO = "stabilityai/stable-diffusion-xl-base-1.0"  # what every Lightning model was distilled from
 KINDS = ("unet", "lora", "full")
 
 
@@ -193,43 +191,32 @@ def settings_from_name(filename: str) -> Settings | None:
     return recommended_settings(int(match.group(1)), "sample" if _X0_IN_NAME.search(name) else "epsilon")
 
 
-def settings_from_metadata(metadata: dict[str, str]) -> Settings | None:
-    try:
-        if meta.SETTINGS in metadata:
-            return Settings.from_dict(json.loads(metadata[meta.SETTINGS]))
-        if meta.STEPS in metadata:
-            return recommended_settings(int(metadata[meta.STEPS]), metadata.get(meta.PREDICTION_TYPE, "epsilon"))
-    except (ValueError, TypeError, UserError):
-        return None  # unreadable keys: fall back to what the catalogue or the name says
-    return None
+@dataclass
+class CatalogListing(Report):
+    """What `catalog` prints: the selected official files with the recommended settings."""
+
+    repo_id: str
+    revision: str
+    files: list[CatalogEntry]
+
+    def to_json(self) -> dict:
+        return {"repo_id": self.repo_id, "revision": self.revision, "files": [e.as_dict() for e in self.files]}
+
+    def describe(self) -> str:
+        rows = [("file", "steps", "kind", "size", "prediction", "sha256")] + [
+            (e.filename, str(e.steps), e.kind, f"{e.size / 1e9:.2f} GB" + ("" if e.size_confirmed else "?"),
+             e.prediction_type, e.sha256[:12]) for e in self.files]
+        widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
+        lines = ["  ".join(cell.ljust(w) for cell, w in zip(row, widths)).rstrip() for row in rows]
+        s = recommended_settings(1)
+        unconfirmed = any(not e.size_confirmed for e in self.files)
+        lines += ["", f"{self.repo_id} at {self.revision}"
+                  + ("; ? = size not confirmed, checked by hash only" if unconfirmed else ""),
+                  f"recommended: steps = the file's steps, {s.scheduler} timestep_spacing={s.timestep_spacing}, "
+                  f"guidance_scale={s.guidance_scale:g} (x0 files: prediction_type=sample); "
+                  f"ComfyUI: {s.comfy_sampler} + {s.comfy_scheduler}, cfg {s.comfy_cfg:g}"]
+        return "\n".join(lines)
 
 
-def settings_for(path: Path | str, metadata: dict[str, str] | None = None,
-                 sha256: str | None = None) -> tuple[Settings, str] | None:
-    """Recommended settings for a file, and where they came from.
-
-    Order: our own metadata keys (what the writer knew), the catalogue (by `sha256` when given, else by file
-    name), then the file name pattern. `metadata=None` reads it from the file when it is a safetensors file.
-    """
-    path = Path(path)
-    if metadata is None:
-        metadata = _read_metadata(path)
-    found = settings_from_metadata(metadata)
-    if found:
-        return found, "metadata"
-    entry = by_sha256(sha256) if sha256 else by_filename(path.name)
-    if entry:
-        return entry.settings, f"catalog ({'sha256' if sha256 else 'file name'}: {entry.filename})"
-    guessed = settings_from_name(path.name)
-    return (guessed, "file name") if guessed else None
-
-
-def _read_metadata(path: Path) -> dict[str, str]:
-    from lightning_tools.tensors import read_header
-
-    if not path.is_file():
-        return {}
-    try:
-        return read_header(path)[1]
-    except UserError:
-        return {}  # a damaged file still has a name; `verify` reports the damage
+def listing(steps: tuple[int, ...] = (), kinds: tuple[str, ...] = ()) -> CatalogListing:
+    return CatalogListing(REPO_ID, REVISION, select(steps, kinds))

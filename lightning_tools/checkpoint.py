@@ -16,24 +16,13 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
-from lightning_tools.catalog import SDXL_BASE_REPO
+from lightning_tools import dtypes, provenance, support
 from lightning_tools.errors import UserError
-from lightning_tools.sdxl import SDXL_BASE_CONFIGS
 from lightning_tools.sdxl import keys as K
-from lightning_tools.sdxl.detect import COMPONENTS, check_component, detect
-from lightning_tools.tensors import DTYPE_NAMES, LazyTensor, TensorSource, atomic_output, write_tensors
-
-TARGETS = ("diffusers", "comfyui", "comfyui-unet")
-WEIGHTS_NAME = {"unet": "diffusion_pytorch_model.safetensors", "vae": "diffusion_pytorch_model.safetensors",
-                "text_encoder": "model.safetensors", "text_encoder_2": "model.safetensors"}
-NAMES = {"unet": "UNet", "vae": "VAE", "text_encoder": "CLIP-L text encoder",
-         "text_encoder_2": "OpenCLIP-bigG text encoder"}
-# The non-weight parts of a pipeline folder, copied as they are: part -> files it must have ("" = the part is
-# itself a file).
-_TOKENIZER = ("merges.txt", "special_tokens_map.json", "tokenizer_config.json", "vocab.json")
-SUPPORT_PARTS = {"model_index.json": ("",), "scheduler": ("scheduler_config.json",), "tokenizer": _TOKENIZER,
-                 "tokenizer_2": _TOKENIZER}
-_TORCH_DTYPE_NAME = {"F16": "float16", "BF16": "bfloat16", "F32": "float32"}
+from lightning_tools.sdxl.detect import check_component, detect
+from lightning_tools.sdxl.vocabulary import COMPONENT_NAMES, COMPONENTS, component_titles
+from lightning_tools.stream import LazyTensor, lazy_tensors, write_file
+from lightning_tools.tensors import TensorSource, atomic_output
 
 
 @dataclass
@@ -55,7 +44,7 @@ class Checkpoint:
 
     @property
     def missing(self) -> list[str]:
-        return [c for c in COMPONENTS if c not in self.components]
+        return [c for c in COMPONENT_NAMES if c not in self.components]
 
 
 def open_checkpoint(path: Path | str, config_dir: Path | str | None = None, strict: bool = False) -> Checkpoint:
@@ -65,32 +54,31 @@ def open_checkpoint(path: Path | str, config_dir: Path | str | None = None, stri
     Keys no map places are listed in `unknown_keys` and left out; with `strict` they are an error.
     """
     path = Path(path)
+    config_dir = support.check_config_dir(Path(config_dir)) if config_dir is not None else None
     found = detect(path)
     if found.layout == "lora":
-        raise UserError(f"{path}: is a LoRA, not a model; convert it with --to kohya or --to peft, or merge it")
+        raise UserError("is a LoRA, not a model; convert it with --to kohya or --to peft, or merge it", path=path)
     if found.layout == "unknown":
-        raise UserError(f"{path}: no SDXL weights recognised: not a diffusers folder, a single-file checkpoint "
-                        "or a UNet")
+        raise UserError("no SDXL weights recognised: not a diffusers folder, a single-file checkpoint or a UNet",
+                        path=path)
     if found.architecture != "sdxl-base":
-        raise UserError(f"{path}: looks like {found.description} ({found.layout}); only SDXL base models "
-                        "(SDXL-Lightning included) are supported")
-    folder = path if found.layout == "diffusers" else path if path.is_dir() and found.layout == "unet-diffusers" \
-        else None
-    configs, own = _configs(folder, found.layout, Path(config_dir) if config_dir else None)
+        raise UserError(f"looks like {found.description} ({found.layout}); only SDXL base models (SDXL-Lightning "
+                        "included) are supported", path=path)
+    own = {c: path / c / "config.json" for c in COMPONENT_NAMES} if found.layout == "diffusers" else \
+        {"unet": path / "config.json"} if path.is_dir() else {}
+    configs, own_configs = support.component_configs(own=own, config_dir=config_dir)
 
     if found.layout == "diffusers":
-        components, unknown, metadata = {}, [], {}
-        for c in found.components:
-            source = TensorSource.open(path / c)
+        components, unknown = {}, []
+        for c, source in found.sources.items():
             tensors, missed = _diffusers_component(c, source, configs[c])
             components[c] = tensors
             unknown += [f"{c}/{k}" for k in missed]
-            if c == "unet":
-                metadata = dict(source.metadata)
+        metadata = dict(found.sources["unet"].metadata) if "unet" in found.sources else {}
     else:
-        source = TensorSource.open(path)
+        source = found.source
         metadata = dict(source.metadata)
-        lazy = {k: LazyTensor.of(source, k) for k in source}
+        lazy = lazy_tensors(source)
         if found.layout == "single-file":
             components, unknown = K.split_single_file(lazy, configs)
         elif found.layout == "unet-single-file":
@@ -103,41 +91,11 @@ def open_checkpoint(path: Path | str, config_dir: Path | str | None = None, stri
             unet, unknown = _diffusers_component("unet", source, configs["unet"])
             components = {"unet": unet}
     if unknown and strict:
-        raise UserError(f"{path}: {len(unknown)} tensors fit no SDXL key map ({', '.join(unknown[:3])}"
-                        f"{', ...' if len(unknown) > 3 else ''}); without --strict they are left out and reported")
-    support = path if found.layout == "diffusers" else Path(config_dir) if config_dir else None
-    return Checkpoint(path, found.layout, components, configs, metadata, unknown, own, support)
-
-
-def _configs(folder: Path | None, layout: str, config_dir: Path | None) -> tuple[dict[str, dict], tuple[str, ...]]:
-    if config_dir is not None and not (config_dir / "model_index.json").is_file() \
-            and not (config_dir / "unet" / "config.json").is_file():
-        raise UserError(f"{config_dir}: not a diffusers pipeline folder (no model_index.json or unet/config.json); "
-                        "--config takes a folder laid out like stabilityai/stable-diffusion-xl-base-1.0")
-    configs: dict[str, dict] = {}
-    own: list[str] = []
-    for c in COMPONENTS:
-        candidates = []
-        if folder is not None:
-            candidates.append(folder / "config.json" if layout == "unet-diffusers" and c == "unet"
-                              else folder / c / "config.json")
-        if config_dir is not None:
-            candidates.append(config_dir / c / "config.json")
-        for candidate in candidates:
-            if candidate.is_file():
-                configs[c] = _read_json(candidate)
-                own.append(c)
-                break
-        else:
-            configs[c] = _read_json(SDXL_BASE_CONFIGS / c / "config.json")
-    return configs, tuple(own)
-
-
-def _read_json(path: Path) -> dict:
-    try:
-        return json.loads(path.read_text())
-    except (OSError, json.JSONDecodeError) as e:
-        raise UserError(f"{path}: cannot read this config ({e}); fix or replace it") from None
+        raise UserError(f"{len(unknown)} tensors fit no SDXL key map ({', '.join(unknown[:3])}"
+                        f"{', ...' if len(unknown) > 3 else ''}); without --strict they are left out and reported",
+                        path=path)
+    support_dir = path if found.layout == "diffusers" else config_dir
+    return Checkpoint(path, found.layout, components, configs, metadata, unknown, own_configs, support_dir)
 
 
 def _diffusers_component(component: str, source: TensorSource,
@@ -168,7 +126,7 @@ def with_base(ckpt: Checkpoint, base: Checkpoint) -> Checkpoint:
     components = dict(ckpt.components)
     configs = dict(ckpt.configs)
     own = list(ckpt.own_configs)
-    for c in COMPONENTS:
+    for c in COMPONENT_NAMES:
         if c not in components and c in base.components:
             components[c] = base.components[c]
         if c not in own and c in base.own_configs:
@@ -182,148 +140,106 @@ def with_base(ckpt: Checkpoint, base: Checkpoint) -> Checkpoint:
 
 # --- writing ---------------------------------------------------------------------------------------------------
 
-def write_checkpoint(ckpt: Checkpoint, out: Path | str, to: str, dtype: str | None = None,
-                     metadata: Mapping[str, str] | None = None, overwrite: bool = False,
-                     config_dir: Path | str | None = None) -> dict:
-    """Stream `ckpt` into `out` as a diffusers folder, a ComfyUI single file or a ComfyUI UNet file.
+@dataclass(frozen=True)
+class Written:
+    """What a writer produced: the output, its layout, and the data sha256 of each weights file (by component
+    for a folder, under "" for a single file)."""
 
-    `dtype` (fp16/bf16/fp32) casts floating tensors only. `metadata` goes into the single file, or the UNet
-    file of a diffusers folder. A diffusers output ending in `.safetensors` from a UNet-only checkpoint is one
-    file with diffusers UNet names (the layout of the official `sdxl_lightning_Nstep_unet.safetensors`).
-    Returns what was written.
+    output: Path
+    layout: str
+    tensors: int
+    bytes: int
+    data_sha256: dict[str, str]
+    support_files_from: tuple[str, ...] = ()
+
+
+def write_checkpoint(ckpt: Checkpoint, out: Path | str, to: str, *, dtype: str | None = None,
+                     metadata: Mapping[str, str] | None = None, overwrite: bool = False,
+                     config_dir: Path | str | None = None) -> Written:
+    """Stream `ckpt` into `out` as a diffusers folder, a ComfyUI single file or a ComfyUI UNet file (`to` is a
+    key of `vocabulary.MODEL_TARGETS`).
+
+    `dtype` (a safetensors code, see `dtypes.parse`) casts floating tensors only. `metadata` goes into the single
+    file, or the UNet file of a diffusers folder; ModelSpec's data hash in it is filled in as it is written. A
+    diffusers output ending in `.safetensors` from a UNet-only checkpoint is one file with diffusers UNet names
+    (the layout of the official `sdxl_lightning_Nstep_unet.safetensors`).
     """
     out = Path(out)
-    if to not in TARGETS:
-        raise UserError(f"unknown output format {to!r}; choose one of {', '.join(TARGETS)}")
-    if dtype is not None and dtype not in DTYPE_NAMES:
-        raise UserError(f"unknown dtype {dtype!r}; choose one of {', '.join(DTYPE_NAMES)}")
     metadata = dict(metadata or {})
     if to == "comfyui":
-        _require(ckpt, COMPONENTS, "a ComfyUI checkpoint")
+        _require(ckpt, COMPONENT_NAMES, "a ComfyUI checkpoint")
         tensors, _ = K.to_single_file(ckpt.components, ckpt.configs)
-        return _write_file(out, tensors, metadata, dtype, overwrite, to)
+        return _write_file(out, tensors, metadata, dtype, overwrite, "single-file")
     _require(ckpt, ("unet",), "this output")
     if to == "comfyui-unet":
         unet, _ = K.unet_to_single(ckpt.components["unet"], ckpt.configs["unet"])
-        return _write_file(out, {K.UNET_PREFIX + k: t for k, t in unet.items()}, metadata, dtype, overwrite, to)
+        return _write_file(out, {K.UNET_PREFIX + k: t for k, t in unet.items()}, metadata, dtype, overwrite,
+                           "unet-single-file")
     if out.suffix == ".safetensors":
         if len(ckpt.components) > 1:
-            raise UserError(f"{out}: a diffusers pipeline is a folder; give an output path without .safetensors")
-        return _write_file(out, ckpt.components["unet"], metadata, dtype, overwrite, "diffusers-unet")
+            raise UserError("a diffusers pipeline is a folder; give an output path without .safetensors", path=out)
+        return _write_file(out, ckpt.components["unet"], metadata, dtype, overwrite, "unet-diffusers")
     if ckpt.missing:
-        _require(ckpt, COMPONENTS, "a diffusers pipeline (or give an OUT ending in .safetensors for a "
-                                   "diffusers-named UNet file)")
+        _require(ckpt, COMPONENT_NAMES, "a diffusers pipeline (or give an OUT ending in .safetensors for a "
+                                        "diffusers-named UNet file)")
     return _write_folder(ckpt, out, dtype, metadata, overwrite, Path(config_dir) if config_dir else None)
 
 
 def _require(ckpt: Checkpoint, needed: tuple[str, ...], what: str) -> None:
     missing = [c for c in needed if c not in ckpt.components]
     if missing:
-        names = ", ".join(NAMES[c] for c in missing)
-        raise UserError(f"{ckpt.path}: has no {names}, which {what} needs; pass --base BASE (any SDXL base, "
-                        "diffusers folder or single file) to take the missing parts from it")
+        raise UserError(f"has no {component_titles(missing)}, which {what} needs; pass --base BASE (any SDXL base, "
+                        "diffusers folder or single file) to take the missing parts from it", path=ckpt.path)
 
 
 def _write_file(out: Path, tensors: Mapping[str, LazyTensor], metadata: dict[str, str], dtype: str | None,
-                overwrite: bool, fmt: str) -> dict:
-    sha = write_tensors(out, tensors, metadata, dtype=dtype, overwrite=overwrite, desc=out.name)
-    return {"output": str(out), "format": fmt, "tensors": len(tensors), "bytes": out.stat().st_size,
-            "sha256_data": sha}
+                overwrite: bool, layout: str) -> Written:
+    sha = write_file(out, tensors, metadata=provenance.with_data_hash(metadata), dtype=dtype, overwrite=overwrite)
+    return Written(out, layout, len(tensors), out.stat().st_size, {"": sha})
 
 
 def _write_folder(ckpt: Checkpoint, out: Path, dtype: str | None, metadata: dict[str, str], overwrite: bool,
-                  config_dir: Path | None) -> dict:
+                  config_dir: Path | None) -> Written:
     prepared = {}
-    for c in COMPONENTS:
+    for c in COMPONENT_NAMES:
         problems = check_component(ckpt.components[c], c, ckpt.configs[c])
         if problems:
             hint = "pass --config DIR with this model's diffusers configs" if c not in ckpt.own_configs \
                 else "the weights and the config disagree"
-            raise UserError(f"{ckpt.path}: the {NAMES[c]} does not match its config ({problems[0]}); {hint}")
-        prepared[c] = _installed_names(c, ckpt.components[c], ckpt.configs[c])
-    support = _support_files(ckpt, config_dir)
-    written = {}
+            raise UserError(f"the {COMPONENTS[c].title} does not match its config ({problems[0]}); {hint}",
+                            path=ckpt.path)
+        prepared[c] = installed_names(c, ckpt.components[c], ckpt.configs[c])
+    files = support.support_files(config_dir=config_dir, source_dir=ckpt.support_dir, needed_by=ckpt.path)
+    shas = {}
     with atomic_output(out, overwrite) as tmp:
         tmp.mkdir()
-        for relative, source in support.items():
+        for relative, source in files.items():
             (tmp / relative).parent.mkdir(parents=True, exist_ok=True)
             shutil.copyfile(source, tmp / relative)
         _write_lightning_scheduler(tmp / "scheduler" / "scheduler_config.json", metadata)
-        for c in COMPONENTS:
+        for c in COMPONENT_NAMES:
             folder = tmp / c
             folder.mkdir(exist_ok=True)
             file_meta = {"format": "pt", **(metadata if c == "unet" else {})}
-            sha = write_tensors(folder / WEIGHTS_NAME[c], prepared[c], file_meta, dtype=dtype, desc=f"{c}")
+            shas[c] = write_file(folder / COMPONENTS[c].weights_file, prepared[c],
+                                 metadata=provenance.with_data_hash(file_meta), dtype=dtype)
             config = _config_for_output(ckpt.configs[c], prepared[c], dtype)
             (folder / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
-            written[c] = {"tensors": len(prepared[c]), "sha256_data": sha}
     size = sum(p.stat().st_size for p in out.rglob("*") if p.is_file())
-    roots = sorted({str(p)[: -len(r)].rstrip("/") for r, p in support.items()})
-    return {"output": str(out), "format": "diffusers", "components": written, "bytes": size,
-            "support_files_from": roots}
+    roots = tuple(sorted({str(p)[: -len(r)].rstrip("/") for r, p in files.items()}))
+    return Written(out, "diffusers", sum(len(t) for t in prepared.values()), size, shas, roots)
 
 
 def _write_lightning_scheduler(path: Path, metadata: Mapping[str, str]) -> None:
     """A Lightning model's folder gets its sampler (Euler, trailing, its prediction type) in scheduler_config,
     so a plain `from_pretrained` samples it correctly; other models keep the copied config."""
-    from lightning_tools.catalog import settings_from_metadata
-
-    settings = settings_from_metadata(metadata)
+    settings = provenance.settings_from_metadata(metadata)
     if settings is None or not path.is_file():
         return
     path.write_text(json.dumps(settings.scheduler_config(json.loads(path.read_text())), indent=2) + "\n")
 
 
-def _support_files(ckpt: Checkpoint, config_dir: Path | None) -> dict[str, Path]:
-    """model_index, scheduler and tokenizer files (relative path -> file to copy).
-
-    Each part comes whole from the first place that has it: --config, the input's own folder, then the
-    bundled SDXL-base configs (model_index, scheduler) or the local hub cache of the SDXL base (tokenizers).
-    """
-    folders = [d for d in (config_dir, ckpt.support_dir) if d is not None]
-    found: dict[str, Path] = {}
-    for part, required in SUPPORT_PARTS.items():
-        for folder in [*folders, SDXL_BASE_CONFIGS]:
-            if all((folder / part / name).is_file() for name in required):
-                target = folder / part
-                files = [p for p in target.iterdir() if p.is_file()] if target.is_dir() else [target]
-                found.update((str(p.relative_to(folder)), p) for p in files)
-                break
-        else:
-            files, why = _sdxl_base_files([f"{part}/{name}" for name in required])
-            if files is None:
-                raise UserError(f"{ckpt.path}: no {part} files for a diffusers folder: none beside the input, none "
-                                f"in the local cache of {SDXL_BASE_REPO}, and {why}; pass --config DIR with an SDXL "
-                                "diffusers folder (its tokenizer/ and tokenizer_2/ are copied)")
-            found.update(files)
-    return found
-
-
-def _sdxl_base_files(names: list[str]) -> tuple[dict[str, Path] | None, str]:
-    """Files of the SDXL base repo (tokenizers: a few hundred kB) from the local hub cache, else downloaded.
-
-    Returns (files, "") or (None, why not). Whether the hub answers is asked once, quickly, before downloading,
-    so an offline machine gets its error at once instead of after the download retries.
-    """
-    from huggingface_hub import hf_hub_download, try_to_load_from_cache
-
-    from lightning_tools.hub import HubEnv, list_repo
-
-    env = HubEnv.current()
-    cached = {n: try_to_load_from_cache(SDXL_BASE_REPO, n, cache_dir=env.cache_dir) for n in names}
-    if all(isinstance(p, str) for p in cached.values()):
-        return {n: Path(p) for n, p in cached.items()}, ""
-    listing, unreachable = list_repo(env, SDXL_BASE_REPO, "main")
-    if listing is None:
-        return None, f"the hub cannot be asked ({unreachable})"
-    if missing := [n for n in names if n not in listing.files]:
-        return None, f"the hub's {SDXL_BASE_REPO} has no {missing[0]}"
-    # By branch name, so the cache records refs/main and the look-up above finds these files next time.
-    return {n: Path(hf_hub_download(SDXL_BASE_REPO, n, revision="main", cache_dir=env.cache_dir,
-                                    endpoint=env.endpoint)) for n in names}, ""
-
-
-def _installed_names(component: str, tensors: Mapping[str, LazyTensor], config: Mapping) -> dict[str, LazyTensor]:
+def installed_names(component: str, tensors: Mapping[str, LazyTensor], config: Mapping) -> dict[str, LazyTensor]:
     """Text encoder keys as the installed transformers saves and loads them (with or without `text_model.`);
     other components are already in diffusers naming."""
     if not component.startswith("text_encoder"):
@@ -356,10 +272,10 @@ def transformers_layout(component: str) -> tuple[bool, bool]:
 def _config_for_output(config: Mapping, tensors: Mapping[str, LazyTensor], dtype: str | None) -> dict:
     """The component config as written; a transformers config's dtype follows the written weights."""
     config = dict(config)
-    floats = {DTYPE_NAMES[dtype] if dtype else t.dtype for t in tensors.values() if t.dtype in _TORCH_DTYPE_NAME}
+    floats = {dtypes.target(t.dtype, dtype) for t in tensors.values() if t.dtype in dtypes.FLOAT_CODES}
     if len(floats) == 1:
         for key in ("torch_dtype", "dtype"):
             if key in config:
-                config[key] = _TORCH_DTYPE_NAME[floats.pop()]
+                config[key] = dtypes.TORCH_NAME[floats.pop()]
                 break
     return config

@@ -1,56 +1,108 @@
-"""The `lightning-tools` command line: parse options, call the library, print. Nothing else lives here."""
+"""The `lightning-tools` command line: parse options, call the library, print its typed result. Nothing else.
+
+Every command returns its report (so recipes read results by attribute), prints it for people or, with
+`--json`, for pipelines. Errors are one `error: ...` line: exit 1 for a problem with the input, 2 for a usage
+mistake, 3 for a failed render gate, 128+N for signal N; `--debug` anywhere on the line (or
+LIGHTNING_TOOLS_DEBUG=1) shows the traceback instead, `--verbose` the libraries' own messages. Heavy modules
+are imported inside the commands, so `--help`, `catalog` and header-only commands start in a blink.
+"""
 
 from __future__ import annotations
 
 import json
+import os
+import sys
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 import click
 
 from lightning_tools import __version__
-from lightning_tools.errors import UserError
+from lightning_tools.errors import ChecksFailed, Interrupted, UsageError, UserError
+from lightning_tools.report import Report
+
+_DEBUG_ENV = "LIGHTNING_TOOLS_DEBUG"
 
 
 class _Group(click.Group):
-    """Turns UserError (and missing files, bad archives) into one line on stderr unless --debug is given."""
+    """Turns every error into one line on stderr with its exit code, unless debugging."""
 
-    def invoke(self, ctx: click.Context) -> Any:
+    def main(self, args: Sequence[str] | None = None, prog_name: str | None = None, **extra: Any) -> Any:
+        args = list(sys.argv[1:] if args is None else args)
+        debug = "--debug" in args or os.environ.get(_DEBUG_ENV, "") not in ("", "0")
+        verbose = "--verbose" in args
+        args = [a for a in args if a not in ("--debug", "--verbose")]
+        if not verbose:
+            from lightning_tools.progress import quiet_libraries
+
+            quiet_libraries()
+        from lightning_tools.outputs import signals_as_errors
+
+        extra.pop("standalone_mode", None)
         try:
-            return super().invoke(ctx)
-        except UserError as e:
-            if ctx.obj and ctx.obj.get("debug"):
+            with signals_as_errors():
+                super().main(args, prog_name or "lightning-tools", standalone_mode=False,
+                             obj={"debug": debug, "verbose": verbose}, **extra)
+        except click.exceptions.Exit as e:
+            sys.exit(e.exit_code)
+        except click.exceptions.NoArgsIsHelpError as e:
+            click.echo(e.ctx.get_help() if e.ctx else str(e))
+            sys.exit(0)
+        except click.exceptions.Abort:
+            _fail("aborted", 1)
+        except click.ClickException as e:
+            if debug:
                 raise
-            click.echo(f"error: {e}", err=True)
-            ctx.exit(e.exit_code)
-        except KeyboardInterrupt:
-            click.echo("interrupted: no partial output was kept", err=True)
-            ctx.exit(130)
+            command = e.ctx.command_path if getattr(e, "ctx", None) else "lightning-tools"
+            _fail(f"{e.format_message()} (see `{command} --help`)", 2)
+        except (UserError, Interrupted) as e:
+            if debug:
+                raise
+            _fail(str(e) if isinstance(e, UserError) else
+                  f"interrupted by {e.name}: no partial output was kept", e.exit_code)
+        except OSError as e:
+            if debug:
+                raise
+            from lightning_tools.outputs import os_error
+
+            failure = os_error(e)
+            _fail(str(failure), failure.exit_code)
 
 
-def emit(data: Any, as_json: bool, text: str | None = None) -> None:
-    """Print `data` as JSON (for pipelines) or `text` (for people)."""
+def _fail(message: str, code: int) -> None:
+    click.echo(f"error: {message}", err=True)
+    sys.exit(code)
+
+
+def emit(report: Report, as_json: bool) -> Report:
+    """Print the report as JSON (for pipelines) or text (for people); return it for recipes."""
     if as_json:
-        click.echo(json.dumps(data, indent=2, default=str))
-    elif text is not None:
-        click.echo(text)
+        click.echo(json.dumps(report.to_json(), indent=2, default=str))
+    else:
+        text = report.describe()
+        if text:
+            click.echo(text)
+    return report
 
 
 json_option = click.option("--json", "as_json", is_flag=True, help="Print the result as JSON.")
-overwrite_option = click.option("--overwrite", is_flag=True, help="Replace an existing output.")
+overwrite_option = click.option("--overwrite", is_flag=True, help="Replace an existing output (atomically).")
+dtype_option = click.option("--dtype", type=click.Choice(["fp16", "bf16", "fp32"]),
+                            help="Cast floating-point tensors (integer tensors are kept).")
 
 
 @click.group(cls=_Group, context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(__version__, prog_name="lightning-tools")
-@click.option("--debug", is_flag=True, help="Show full tracebacks for errors.")
-@click.pass_context
-def main(ctx: click.Context, debug: bool) -> None:
+@click.option("--debug", is_flag=True, help="Show full tracebacks for errors (anywhere on the line; or set "
+              f"{_DEBUG_ENV}=1).")
+@click.option("--verbose", is_flag=True, help="Let diffusers, transformers and huggingface_hub print their own "
+              "notices, warnings and retries.")
+def main(debug: bool, verbose: bool) -> None:
     """Fetch, verify, merge, convert, render and publish SDXL-Lightning checkpoints."""
-    ctx.ensure_object(dict)
-    ctx.obj["debug"] = debug
 
 
-# --- catalog / fetch (hub.py, catalog.py) ---
+# --- catalog / fetch --------------------------------------------------------------------------------------------
 _steps_option = click.option("--steps", "steps", type=int, multiple=True,
                              help="Inference steps (1, 2, 4, 8); repeatable.")
 _kind_option = click.option("--kind", "kinds", type=click.Choice(["unet", "lora", "full"]), multiple=True,
@@ -61,26 +113,11 @@ _kind_option = click.option("--kind", "kinds", type=click.Choice(["unet", "lora"
 @_steps_option
 @_kind_option
 @json_option
-def catalog_command(steps: tuple[int, ...], kinds: tuple[str, ...], as_json: bool) -> None:
+def catalog_command(steps: tuple[int, ...], kinds: tuple[str, ...], as_json: bool) -> Report:
     """List the official SDXL-Lightning files with their hashes and recommended settings."""
     from lightning_tools import catalog
 
-    entries = catalog.select(steps, kinds)
-    data = {"repo_id": catalog.REPO_ID, "revision": catalog.REVISION,
-            "files": [e.as_dict() for e in entries]}
-    rows = [("file", "steps", "kind", "size", "prediction", "sha256")] + [
-        (e.filename, str(e.steps), e.kind, f"{e.size / 1e9:.2f} GB" + ("" if e.size_confirmed else "?"),
-         e.prediction_type, e.sha256[:12]) for e in entries]
-    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
-    lines = ["  ".join(cell.ljust(w) for cell, w in zip(row, widths)).rstrip() for row in rows]
-    s = catalog.recommended_settings(1)
-    unconfirmed = any(not e.size_confirmed for e in entries)
-    lines += ["", f"{catalog.REPO_ID} at {catalog.REVISION}"
-              + ("; ? = size not confirmed, checked by hash only" if unconfirmed else ""),
-              f"recommended: steps = the file's steps, {s.scheduler} timestep_spacing={s.timestep_spacing}, "
-              f"guidance_scale={s.guidance_scale:g} (x0 files: prediction_type=sample); "
-              f"ComfyUI: {s.comfy_sampler} + {s.comfy_scheduler}, cfg {s.comfy_cfg:g}"]
-    emit(data, as_json, "\n".join(lines))
+    return emit(catalog.listing(steps, kinds), as_json)
 
 
 @main.command("fetch")
@@ -94,55 +131,56 @@ def catalog_command(steps: tuple[int, ...], kinds: tuple[str, ...], as_json: boo
 @overwrite_option
 @json_option
 def fetch_command(steps: tuple[int, ...], kinds: tuple[str, ...], fetch_all: bool, dest: Path | None,
-                  repo_id: str | None, revision: str | None, overwrite: bool, as_json: bool) -> None:
+                  repo_id: str | None, revision: str | None, overwrite: bool, as_json: bool) -> Report:
     """Download official files and verify their sha256; prints the local path of each."""
     from lightning_tools import catalog, hub
 
     if not (steps or kinds or fetch_all):
-        raise UserError("say what to fetch: --steps N and/or --kind unet|lora|full (or --all); "
-                        "`lightning-tools catalog` lists the files")
-    entries = catalog.select(steps, kinds)
-    fetched = hub.fetch(entries, dest=dest, repo_id=repo_id or catalog.REPO_ID, revision=revision,
-                        overwrite=overwrite)
+        raise UsageError("say what to fetch: --steps N and/or --kind unet|lora|full (or --all); "
+                         "`lightning-tools catalog` lists the files")
+    report = hub.fetch(catalog.select(steps, kinds), dest=dest, repo_id=repo_id or catalog.REPO_ID,
+                       revision=revision, overwrite=overwrite)
     if not as_json:
-        for f in fetched:
-            against = "the official file" if f.official else f"{f.repo_id}'s listed hash"
-            click.echo(f"{f.filename}: {f.action}, sha256 {f.sha256[:12]}… matches {against}", err=True)
-    emit([f.as_dict() for f in fetched], as_json, "\n".join(str(f.path) for f in fetched))
+        for line in report.notes():
+            click.echo(line, err=True)
+    return emit(report, as_json)
 
 
-# --- verify / inspect (verify.py, inspect.py) ---
+# --- verify / inspect -------------------------------------------------------------------------------------------
+_config_option = click.option("--config", "config_dir", type=click.Path(path_type=Path, file_okay=False),
+                              help="A diffusers pipeline folder whose configs (and tokenizers) describe the model, "
+                                   "for models of another width (default: the input's own, else SDXL base).")
+
+
 @main.command("verify")
 @click.argument("paths", nargs=-1, required=True, type=click.Path(path_type=Path))
 @click.option("--deep", is_flag=True, help="Also scan every tensor for NaN/Inf values (reads all the data).")
-@click.option("--config", "config_dir", type=click.Path(path_type=Path, file_okay=False),
-              help="Check single files against this diffusers pipeline folder's configs instead of SDXL base.")
+@_config_option
 @json_option
-def verify_command(paths: tuple[Path, ...], deep: bool, config_dir: Path | None, as_json: bool) -> None:
+def verify_command(paths: tuple[Path, ...], deep: bool, config_dir: Path | None, as_json: bool) -> Report:
     """Check that checkpoints and LoRAs are intact: structure, sha256, architecture (exit 0 only if all are)."""
-    from lightning_tools.verify import describe, verify_paths
+    from lightning_tools.verify import verify_paths
 
-    reports = verify_paths(paths, deep=deep, config_dir=config_dir)
-    emit([r.as_dict() for r in reports], as_json, "\n".join(describe(r) for r in reports))
-    failed = [r for r in reports if not r.ok]
+    report = emit(verify_paths(paths, deep=deep, config_dir=config_dir), as_json)
+    failed = [r for r in report.files if not r.ok]
     if failed:
-        raise UserError(f"{len(failed)} of {len(reports)} checked failed verification: "
+        raise UserError(f"{len(failed)} of {len(report.files)} checked failed verification: "
                         + ", ".join(r.path for r in failed))
+    return report
 
 
 @main.command("inspect")
 @click.argument("path", type=click.Path(path_type=Path))
 @click.option("--hash", "with_hash", is_flag=True, help="Hash the file to prove (or rule out) an official identity.")
 @json_option
-def inspect_command(path: Path, with_hash: bool, as_json: bool) -> None:
+def inspect_command(path: Path, with_hash: bool, as_json: bool) -> Report:
     """What PATH is (format, components, architecture, LoRA ranks, Lightning identity) and how to sample it."""
-    from lightning_tools.inspect import describe, inspect_path
+    from lightning_tools.inspect import inspect_path
 
-    info = inspect_path(path, with_hash=with_hash)
-    emit(info, as_json, describe(info))
+    return emit(inspect_path(path, with_hash=with_hash), as_json)
 
 
-# --- convert (convert.py) ---
+# --- convert / merge / extract ----------------------------------------------------------------------------------
 
 @main.command("convert")
 @click.argument("src", type=click.Path(path_type=Path))
@@ -150,34 +188,29 @@ def inspect_command(path: Path, with_hash: bool, as_json: bool) -> None:
               type=click.Choice(["comfyui", "diffusers", "comfyui-unet", "kohya", "peft"]),
               help="comfyui: all-in-one single file; diffusers: pipeline folder (or, for a UNet alone and an OUT "
                    "ending in .safetensors, a diffusers-named UNet file); comfyui-unet: models/unet file; "
-                   "kohya/peft: LoRA formats.")
+                   "kohya/peft: LoRA formats (kohya loads everywhere; peft in diffusers/peft only).")
 @click.option("--out", required=True, type=click.Path(path_type=Path), help="Output file or folder.")
-@click.option("--config", "config_dir", type=click.Path(path_type=Path, file_okay=False),
-              help="A diffusers pipeline folder whose configs, scheduler and tokenizers to use "
-                   "(default: the input's own, else the bundled SDXL base).")
+@_config_option
 @click.option("--base", type=click.Path(path_type=Path),
               help="An SDXL model (either layout) that supplies the parts SRC lacks (VAE, text encoders).")
-@click.option("--dtype", type=click.Choice(["fp16", "bf16", "fp32"]),
-              help="Cast floating-point tensors (integer tensors are kept).")
+@dtype_option
 @click.option("--strict", is_flag=True, help="Fail on tensors that fit no SDXL key map instead of leaving them out.")
 @overwrite_option
 @json_option
 def convert_command(src: Path, to: str, out: Path, config_dir: Path | None, base: Path | None, dtype: str | None,
-                    strict: bool, overwrite: bool, as_json: bool) -> None:
+                    strict: bool, overwrite: bool, as_json: bool) -> Report:
     """Convert SRC between diffusers and ComfyUI/A1111 layouts, or a LoRA between kohya and peft."""
-    from lightning_tools.convert import convert, describe
+    from lightning_tools.convert import ConvertReport, convert
 
-    result = convert(src, to, out, config_dir=config_dir, base=base, dtype=dtype, strict=strict,
+    report = convert(src, to, out, config_dir=config_dir, base=base, dtype=dtype, strict=strict,
                      overwrite=overwrite)
-    unknown = result.get("unknown_keys") or []
-    if unknown:
+    if isinstance(report, ConvertReport) and report.unknown_keys:
+        unknown = report.unknown_keys
         shown = ", ".join(unknown[:5]) + (", ..." if len(unknown) > 5 else "")
         click.echo(f"warning: {len(unknown)} tensors fit no SDXL key map and were left out: {shown} "
                    "(--strict makes this an error)", err=True)
-    emit(result, as_json, describe(result))
+    return emit(report, as_json)
 
-
-# --- merge (merge.py) ---
 
 @main.command("merge")
 @click.option("--base", required=True, type=click.Path(path_type=Path),
@@ -190,14 +223,11 @@ def convert_command(src: Path, to: str, out: Path, config_dir: Path | None, base
               help="Output: *.safetensors for a single file, otherwise a diffusers folder.")
 @click.option("--to", type=click.Choice(["comfyui", "diffusers"]),
               help="Output layout (default: from OUT; a UNet base gives a UNet file).")
-@click.option("--dtype", type=click.Choice(["fp16", "bf16", "fp32"]),
-              help="Output dtype of floating-point tensors (default: as in the base).")
+@dtype_option
 @click.option("--compute-dtype", default="fp32", show_default=True, type=click.Choice(["fp16", "bf16", "fp32"]),
               help="Dtype of the merge arithmetic; the result is rounded once to the output dtype.")
-@click.option("--device", default="cpu", show_default=True, type=click.Choice(["cpu", "cuda"]),
-              help="Where the LoRA arithmetic runs.")
-@click.option("--config", "config_dir", type=click.Path(path_type=Path, file_okay=False),
-              help="A diffusers pipeline folder with the base's configs (default: the base's own, else SDXL's).")
+@click.option("--device", default="cpu", show_default=True, help="Where the LoRA arithmetic runs: cpu, cuda, cuda:N.")
+@_config_option
 @click.option("--allow-unmatched", is_flag=True,
               help="Skip LoRA modules that fit no base weight (with a warning) instead of refusing.")
 @click.option("--dry-run", is_flag=True, help="Print the plan (matches, output layout and size); write nothing.")
@@ -205,25 +235,57 @@ def convert_command(src: Path, to: str, out: Path, config_dir: Path | None, base
 @json_option
 def merge_command(base: Path, loras: tuple[Path, ...], strengths: tuple[float, ...], out: Path, to: str | None,
                   dtype: str | None, compute_dtype: str, device: str, config_dir: Path | None,
-                  allow_unmatched: bool, dry_run: bool, overwrite: bool, as_json: bool) -> None:
+                  allow_unmatched: bool, dry_run: bool, overwrite: bool, as_json: bool) -> Report:
     """Bake LoRAs (a Lightning LoRA, say) into an SDXL base at chosen strengths, streaming."""
-    from lightning_tools.merge import describe, merge
+    from lightning_tools.merge import merge
 
-    report = merge(base, loras, strengths, out, to=to, dtype=dtype, compute_dtype=compute_dtype, device=device,
-                   allow_unmatched=allow_unmatched, dry_run=dry_run, overwrite=overwrite, config_dir=config_dir)
-    if report["unmatched"]:
-        click.echo(f"warning: skipped {report['unmatched']} LoRA modules that fit no base weight "
-                   f"(e.g. {report['unmatched_modules'][0]})", err=True)
-    emit(report, as_json, describe(report))
+    report = merge(base, loras, out, strengths=strengths, to=to, dtype=dtype, compute_dtype=compute_dtype,
+                   device=device, allow_unmatched=allow_unmatched, dry_run=dry_run, overwrite=overwrite,
+                   config_dir=config_dir)
+    if report.unmatched_modules:
+        click.echo(f"warning: skipped {len(report.unmatched_modules)} LoRA modules that fit no base weight "
+                   f"(e.g. {report.unmatched_modules[0]})", err=True)
+    return emit(report, as_json)
 
-# --- render (render.py) ---
 
-@main.command()
+@main.command("extract")
+@click.option("--base", required=True, type=click.Path(path_type=Path),
+              help="The SDXL base the model was tuned from (diffusers folder, single file or UNet file).")
+@click.option("--tuned", required=True, type=click.Path(path_type=Path),
+              help="The tuned model, e.g. a full SDXL-Lightning UNet (any layout).")
+@click.option("--rank", required=True, type=click.IntRange(min=1), help="LoRA rank (the official files use 64).")
+@click.option("--conv-rank", type=click.IntRange(min=1), help="Rank of 3x3 conv modules (default: --rank).")
+@click.option("--out", required=True, type=click.Path(path_type=Path), help="Output LoRA (.safetensors).")
+@click.option("--format", "lora_format", default="kohya", show_default=True, type=click.Choice(["kohya", "peft"]),
+              help="kohya: the official Lightning layout, loads everywhere; peft: diffusers/peft only.")
+@click.option("--dtype", default="fp16", show_default=True, type=click.Choice(["fp16", "bf16", "fp32"]),
+              help="Dtype of the LoRA weights.")
+@click.option("--device", default="cpu", show_default=True, help="Where the SVDs run: cpu, cuda, cuda:N.")
+@click.option("--min-diff", default=0.0, show_default=True, type=click.FloatRange(min=0),
+              help="Leave out modules whose largest absolute weight change is at most this.")
+@click.option("--clamp-quantile", type=click.FloatRange(0, 1, min_open=True),
+              help="Clip LoRA weights at this quantile of their magnitudes, e.g. 0.99 (default: no clipping).")
+@overwrite_option
+@json_option
+def extract_command(base: Path, tuned: Path, rank: int, conv_rank: int | None, out: Path, lora_format: str,
+                    dtype: str, device: str, min_diff: float, clamp_quantile: float | None, overwrite: bool,
+                    as_json: bool) -> Report:
+    """Extract a LoRA of any rank from TUNED - BASE (e.g. a full Lightning UNet minus SDXL base), with its error."""
+    from lightning_tools.extract import extract_lora
+
+    return emit(extract_lora(base, tuned, out, rank=rank, conv_rank=conv_rank, format=lora_format, device=device,
+                             min_diff=min_diff, clamp_quantile=clamp_quantile, dtype=dtype, overwrite=overwrite),
+                as_json)
+
+
+# --- render -----------------------------------------------------------------------------------------------------
+
+@main.command("render")
 @click.argument("model", type=click.Path(path_type=Path))
 @click.option("--base", type=click.Path(path_type=Path),
               help="Full SDXL model (diffusers folder or all-in-one file) giving a UNet-only file or a LoRA its "
                    "VAE and text encoders.")
-@click.option("--config", type=click.Path(path_type=Path),
+@click.option("--config", type=click.Path(path_type=Path, file_okay=False),
               help="Diffusers SDXL folder with configs and tokenizers, for an all-in-one file.")
 @click.option("--steps", type=click.IntRange(min=1), help="Override the checkpoint's step count.")
 @click.option("--prediction-type", type=click.Choice(["epsilon", "sample"]),
@@ -240,8 +302,8 @@ def merge_command(base: Path, loras: tuple[Path, ...], strengths: tuple[float, .
 @click.option("--device", default="cuda", show_default=True, help="cuda, cuda:N or cpu.")
 @click.option("--dtype", type=click.Choice(["fp16", "bf16", "fp32"]), help="Default: fp16 on CUDA, fp32 on CPU.")
 @click.option("--out", type=click.Path(path_type=Path), help="Output folder (default: render-<model name>).")
-@click.option("--reference", type=click.Path(path_type=Path), help="Output folder of an earlier render to compare "
-              "with, image by image.")
+@click.option("--reference", type=click.Path(path_type=Path), help="Output folder of an earlier render: each image "
+              "is compared with the one of the same prompt, seed, size and steps there.")
 @click.option("--max-diff", type=float, help="Largest mean absolute difference to --reference, in 8-bit levels "
               "(default 3).")
 @click.option("--channels-last", is_flag=True, help="Run the UNet in channels_last memory format.")
@@ -251,67 +313,92 @@ def merge_command(base: Path, loras: tuple[Path, ...], strengths: tuple[float, .
 @click.option("--print-comfyui", is_flag=True, help="Print the ComfyUI equivalent settings instead of rendering.")
 @overwrite_option
 @json_option
-def render(model: Path, base: Path | None, config: Path | None, steps: int | None, prediction_type: str | None,
-           guidance_scale: float | None, prompts: tuple[str, ...], prompts_file: Path | None, seeds: tuple[int, ...],
-           height: int, width: int, batch_size: int, device: str, dtype: str | None, out: Path | None,
-           reference: Path | None, max_diff: float | None, channels_last: bool, compile_unet: bool,
-           comfyui_workflow: Path | None, print_comfyui: bool, overwrite: bool, as_json: bool) -> None:
+def render_command(model: Path, base: Path | None, config: Path | None, steps: int | None,
+                   prediction_type: str | None, guidance_scale: float | None, prompts: tuple[str, ...],
+                   prompts_file: Path | None, seeds: tuple[int, ...], height: int, width: int, batch_size: int,
+                   device: str, dtype: str | None, out: Path | None, reference: Path | None, max_diff: float | None,
+                   channels_last: bool, compile_unet: bool, comfyui_workflow: Path | None, print_comfyui: bool,
+                   overwrite: bool, as_json: bool) -> Report:
     """Render validation images of MODEL with the settings it was distilled for, check them, write a report.
 
     Exits 3 when an image fails a check (NaN/Inf, blank, out of range, too far from --reference)."""
-    from lightning_tools import render as rendering
+    from lightning_tools.render.plan import plan as plan_render
 
     if prompts and prompts_file:
-        raise UserError("--prompt and --prompts: give one or the other")
+        raise UsageError("--prompt and --prompts: give one or the other")
+    if height % 8 or width % 8 or height < 8 or width < 8:
+        raise UsageError(f"--height {height} --width {width}: both must be positive multiples of 8")
+    plan = plan_render(model, base=base, config=config, steps=steps, prediction_type=prediction_type,
+                       guidance_scale=guidance_scale)  # headers only: fast
     comfy_mode = print_comfyui or comfyui_workflow is not None
-    rendering.check_dimensions(height, width)
-    plan = rendering.plan(model, base=base, config=config, steps=steps, prediction_type=prediction_type,
-                          guidance_scale=guidance_scale, loadable=not comfy_mode)  # headers only: fast
-    if not comfy_mode:
-        rendering.check_device(device)  # before anything slow
+    if not comfy_mode:  # whatever would fail later fails now, in one line, before the warnings
+        from lightning_tools.render import run
+
+        run.preflight(plan, device)
     for warning in plan.warnings:
         click.secho(f"warning: {warning}", err=True, fg="yellow", bold=True)
-    prompt_list = list(prompts) or (rendering.read_prompts(prompts_file) if prompts_file else
-                                    list(rendering.DEFAULT_PROMPTS))
     if comfy_mode:
         from lightning_tools import comfyui
 
-        result = comfyui.export(plan, prompt_list[0], (seeds or (0,))[0], width, height, comfyui_workflow, overwrite)
-        text = comfyui.describe(plan.model, plan.settings)
-        emit(result, as_json, text + (f"\nwrote {comfyui_workflow} (ComfyUI API format)" if comfyui_workflow else ""))
-        return
+        first_prompt = prompts[0] if prompts else None
+        return emit(comfyui.export(plan, prompt=first_prompt, seed=(seeds or (0,))[0], width=width, height=height,
+                                   workflow_path=comfyui_workflow, overwrite=overwrite), as_json)
+    prompt_list = list(prompts) or (run.read_prompts(prompts_file) if prompts_file else list(run.DEFAULT_PROMPTS))
     out = out or Path(f"render-{plan.model.path.stem}")
-    report = rendering.render(plan, out, prompts=prompt_list, seeds=seeds or (0,), height=height, width=width,
-                              batch_size=batch_size, device=device, dtype=dtype,
-                              accelerations=rendering.Accelerations(channels_last, compile_unet),
-                              reference=reference, overwrite=overwrite,
-                              max_diff=rendering.DEFAULT_MAX_DIFF if max_diff is None else max_diff)
-    emit(report, as_json, rendering.summary(report))
-    failed = rendering.failures(report)
+    report = emit(run.render(plan, out, prompts=prompt_list, seeds=seeds or (0,), height=height, width=width,
+                             batch_size=batch_size, device=device, dtype=dtype,
+                             accelerations=run.Accelerations(channels_last, compile_unet), reference=reference,
+                             overwrite=overwrite,
+                             max_diff=run.checks.DEFAULT_MAX_DIFF if max_diff is None else max_diff), as_json)
+    failed = report.failures()
     if failed:
-        raise rendering.ChecksFailed(f"{out / 'report.json'}: {len(failed)} of {len(report['images'])} images "
-                                     f"failed: {'; '.join(failed)}")
+        raise ChecksFailed(f"{len(failed)} of {len(report.images)} images failed: {'; '.join(failed)}",
+                           path=out / "report.json")
+    return report
 
 
-# --- run (recipes.py) ---
+# --- run / demo -------------------------------------------------------------------------------------------------
+
 @main.command("run")
 @click.argument("recipe", type=click.Path(path_type=Path))
 @click.option("--set", "overrides", multiple=True, metavar="KEY=VALUE", help="Override a recipe variable.")
 @click.option("--dry-run", is_flag=True, help="Check the recipe and print the commands without running them.")
+@click.option("--force", is_flag=False, flag_value="", default=None, metavar="[STEP]",
+              help="Run again even if unchanged: every step, or STEP and the steps that use its output.")
+@click.option("--allow-outside", is_flag=True, help="Let the recipe's workdir lie outside the recipe's folder.")
 @json_option
 @click.pass_context
-def run_command(ctx: click.Context, recipe: Path, overrides: tuple[str, ...], dry_run: bool, as_json: bool) -> None:
-    """Run the steps of a TOML recipe in order; unchanged steps are skipped."""
+def run_command(ctx: click.Context, recipe: Path, overrides: tuple[str, ...], dry_run: bool, force: str | None,
+                allow_outside: bool, as_json: bool) -> None:
+    """Run the steps of a TOML recipe in order; unchanged steps are skipped. Exits with a failed step's code."""
     from lightning_tools.recipes import load_recipe, run_recipe
 
-    loaded = load_recipe(recipe, overrides)
+    loaded = load_recipe(recipe, overrides, commands=main.commands, allow_outside=allow_outside)
     echo = (lambda line: None) if as_json else (lambda line: click.echo(line, err=not dry_run))
-    results = run_recipe(loaded, dry_run=dry_run, echo=echo, obj=ctx.obj, json_results=as_json)
-    emit([{"step": r.name, "command": r.command, "status": r.status, "output": r.output, "argv": r.argv}
-          for r in results], as_json, None if dry_run else f"recipe done: {sum(r.status == 'ran' for r in results)} "
-          f"step(s) ran, {sum(r.status == 'skipped' for r in results)} skipped")
+    results = run_recipe(loaded, dry_run=dry_run, force=True if force == "" else force or False, echo=echo,
+                         obj=ctx.obj)
+    if as_json:
+        click.echo(json.dumps([r.as_dict() for r in results], indent=2, default=str))
+    elif not dry_run:
+        click.echo(f"recipe done: {sum(r.status == 'ran' for r in results)} step(s) ran, "
+                   f"{sum(r.status == 'skipped' for r in results)} skipped")
 
-# --- publish (publish.py) ---
+
+@main.command()
+@click.argument("folder", type=click.Path(file_okay=False, path_type=Path), default="lightning-demo")
+@json_option
+@click.pass_context
+def demo(ctx: click.Context, folder: Path, as_json: bool) -> None:
+    """Run merge, verify, convert, render, extract and a model card on a tiny model in FOLDER."""
+    from lightning_tools.demo import describe, run_demo
+
+    results = run_demo(folder, commands=main.commands, echo=(lambda line: None) if as_json else click.echo,
+                       obj=ctx.obj)
+    click.echo(json.dumps([r.as_dict() for r in results], indent=2, default=str) if as_json else describe(results))
+
+
+# --- publish ----------------------------------------------------------------------------------------------------
+
 @main.command("publish")
 @click.argument("src", type=click.Path(path_type=Path))
 @click.option("--repo-id", required=True, help="Hub repo to publish to (created if missing), e.g. you/my-model.")
@@ -322,77 +409,21 @@ def run_command(ctx: click.Context, recipe: Path, overrides: tuple[str, ...], dr
 @click.option("--steps", type=int, help="Step count, when the model's metadata and name do not say.")
 @click.option("--base-model", "base_models", multiple=True,
               help="Hub id of the SDXL base it was merged into, for the card's base_model; repeatable.")
+@_config_option
 @click.option("--dry-run", is_flag=True, help="Write the card and list the upload; no network access.")
 @click.option("--card", type=click.Path(dir_okay=False, path_type=Path),
               help="Where --dry-run writes the card (default: ./<repo name>.README.md).")
 @overwrite_option
 @json_option
 def publish_command(src: Path, repo_id: str, private: bool, revision: str, validation: Path | None,
-                    steps: int | None, base_models: tuple[str, ...], dry_run: bool, card: Path | None,
-                    overwrite: bool, as_json: bool) -> None:
+                    steps: int | None, base_models: tuple[str, ...], config_dir: Path | None, dry_run: bool,
+                    card: Path | None, overwrite: bool, as_json: bool) -> Report:
     """Verify a checkpoint, write its model card and upload both to the hub in one commit."""
     from lightning_tools import publish
 
-    plan = publish.plan_publish(src, repo_id, revision, private, validation, steps, base_models)
-    listing = [f"  {u.path_in_repo:<40} {u.size:>14,} B  sha256 {u.sha256[:12]}"
-               + ("  (generated model card)" if u.local is None else f"  <- {u.local}") for u in plan.uploads]
-    notes = [f"note: {n}" for n in plan.notes]
+    plan = publish.plan_publish(src, repo_id, revision=revision, private=private, validation=validation,
+                                steps=steps, base_models=base_models, config_dir=config_dir)
     if dry_run:
         card = card or Path(f"{repo_id.split('/')[-1]}.README.md").absolute()
-        written = publish.write_card(plan, card, overwrite)
-        emit({**plan.as_dict(), "card": str(written), "dry_run": True}, as_json, "\n".join(
-            [f"dry run, nothing uploaded: would commit to {repo_id}@{revision}"
-             f"{' (private)' if private else ''}, creating the repo/branch if missing:", *listing, *notes,
-             f"model card written to {written}"]))
-        return
-    result = publish.upload(plan)
-    emit({**plan.as_dict(), **result}, as_json, "\n".join(
-        [f"published {len(plan.uploads)} files to {repo_id}@{revision} (commit {result['commit'][:12]}):", *listing,
-         *notes, f"hub lists the same sizes and sha256: {result['url']}"]))
-
-
-# --- extract (extract.py) ---
-
-@main.command("extract")
-@click.option("--base", required=True, type=click.Path(path_type=Path),
-              help="The SDXL base the model was tuned from (diffusers folder, single file or UNet file).")
-@click.option("--tuned", required=True, type=click.Path(path_type=Path),
-              help="The tuned model, e.g. a full SDXL-Lightning UNet (any layout).")
-@click.option("--rank", required=True, type=click.IntRange(min=1), help="LoRA rank (the official files use 64).")
-@click.option("--conv-rank", type=click.IntRange(min=1), help="Rank of 3x3 conv modules (default: --rank).")
-@click.option("--out", required=True, type=click.Path(path_type=Path), help="Output LoRA (.safetensors).")
-@click.option("--format", "lora_format", default="kohya", show_default=True, type=click.Choice(["kohya", "peft"]),
-              help="kohya: the official Lightning layout (kohya keys, diffusers names); peft: diffusers' format.")
-@click.option("--dtype", default="fp16", show_default=True, type=click.Choice(["fp16", "bf16", "fp32"]),
-              help="Dtype of the LoRA weights.")
-@click.option("--device", default="cpu", show_default=True, type=click.Choice(["cpu", "cuda"]),
-              help="Where the SVDs run.")
-@click.option("--min-diff", default=0.0, show_default=True, type=click.FloatRange(min=0),
-              help="Leave out modules whose largest absolute weight change is at most this.")
-@click.option("--clamp-quantile", type=click.FloatRange(0, 1, min_open=True),
-              help="Clip LoRA weights at this quantile of their magnitudes, e.g. 0.99 (default: no clipping).")
-@overwrite_option
-@json_option
-def extract_command(base: Path, tuned: Path, rank: int, conv_rank: int | None, out: Path, lora_format: str,
-                    dtype: str, device: str, min_diff: float, clamp_quantile: float | None, overwrite: bool,
-                    as_json: bool) -> None:
-    """Extract a LoRA of any rank from TUNED - BASE (e.g. a full Lightning UNet minus SDXL base), with its error."""
-    from lightning_tools.extract import describe, extract_lora
-
-    report = extract_lora(base, tuned, out, rank, conv_rank, format=lora_format, device=device, min_diff=min_diff,
-                          clamp_quantile=clamp_quantile, dtype=dtype, overwrite=overwrite)
-    emit(report, as_json, describe(report))
-
-# --- demo (demo.py) ---
-@main.command()
-@click.argument("folder", type=click.Path(file_okay=False, path_type=Path), default="lightning-demo")
-@json_option
-@click.pass_context
-def demo(ctx: click.Context, folder: Path, as_json: bool) -> None:
-    """Run merge, verify, convert, render, extract and a model card on a tiny model in FOLDER."""
-    from lightning_tools.demo import run_demo
-
-    results = run_demo(folder, echo=(lambda line: None) if as_json else click.echo, obj=ctx.obj, json_results=as_json)
-    emit([{"step": r.name, "command": r.command, "status": r.status, "output": r.output} for r in results],
-         as_json, "\n".join(["", "demo done; what was made:"] + [
-             f"  {r.name:<17} {r.command:<8} {r.output or '(check only)'}" for r in results]))
+        return emit(publish.write_card(plan, card, overwrite=overwrite), as_json)
+    return emit(publish.upload(plan), as_json)

@@ -8,12 +8,16 @@ ComfyUI samples SDXL with eps prediction unless told otherwise; the 1-step x0 mo
 from __future__ import annotations
 
 import json
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from lightning_tools.catalog import Settings
-from lightning_tools.render import Model, Plan
+from lightning_tools.render.plan import Model, Plan
+from lightning_tools.report import Report
 from lightning_tools.tensors import atomic_output
+
+DEFAULT_PROMPT = "A girl smiling"
 
 
 def file_names(model: Model) -> tuple[dict[str, str], list[str]]:
@@ -66,17 +70,30 @@ def workflow(model: Model, settings: Settings, prompt: str, seed: int = 0, width
     return nodes
 
 
-def export(plan: Plan, prompt: str, seed: int = 0, width: int = 1024, height: int = 1024,
-           workflow_path: Path | None = None, overwrite: bool = False) -> dict:
-    """The ComfyUI settings for `plan` as data, and the workflow written to `workflow_path` when given."""
-    result = {"model": plan.model.identity(), "settings": plan.settings.as_dict(),
-              "comfyui": plan.settings.comfyui(), "warnings": list(plan.warnings)}
+@dataclass
+class ComfyUIExport(Report):
+    """The ComfyUI equivalent of a render: sampler settings, what to load, and the workflow file if written."""
+
+    model: dict
+    settings: dict
+    comfyui: dict
+    warnings: list[str]
+    text: str
+    workflow: Path | None = None
+
+    def describe(self) -> str:
+        return self.text + (f"\nwrote {self.workflow} (ComfyUI API format)" if self.workflow else "")
+
+
+def export(plan: Plan, *, prompt: str | None = None, seed: int = 0, width: int = 1024, height: int = 1024,
+           workflow_path: Path | None = None, overwrite: bool = False) -> ComfyUIExport:
+    """The ComfyUI settings for `plan`, and the workflow written to `workflow_path` when given."""
     if workflow_path is not None:
-        flow = workflow(plan.model, plan.settings, prompt, seed, width, height)
+        flow = workflow(plan.model, plan.settings, prompt or DEFAULT_PROMPT, seed, width, height)
         with atomic_output(workflow_path, overwrite) as tmp:
             tmp.write_text(json.dumps(flow, indent=2) + "\n")
-        result["workflow"] = str(workflow_path)
-    return result
+    return ComfyUIExport(plan.model.identity(), plan.settings.as_dict(), plan.settings.comfyui(),
+                         list(plan.warnings), describe(plan.model, plan.settings), workflow_path)
 
 
 def describe(model: Model, settings: Settings) -> str:

@@ -7,39 +7,78 @@ catalogue or its name tells them, and whatever input metadata still applies.
 
 from __future__ import annotations
 
-import re
+from dataclasses import dataclass, field
 from pathlib import Path
 
-from lightning_tools import metadata as meta
-from lightning_tools.checkpoint import NAMES, TARGETS, open_checkpoint, with_base, write_checkpoint
-from lightning_tools.errors import UserError
+from lightning_tools import dtypes, lora
+from lightning_tools import provenance as prov
+from lightning_tools.checkpoint import Written, open_checkpoint, with_base, write_checkpoint
+from lightning_tools.errors import UsageError, UserError
+from lightning_tools.report import Report
 from lightning_tools.sdxl.detect import detect
-from lightning_tools.tensors import HASH_KEY, hash_file
-
-LORA_TARGETS = ("kohya", "peft")
-_HEX64 = re.compile(r"[0-9a-f]{64}")
+from lightning_tools.sdxl.vocabulary import LORA_TARGETS, MODEL_TARGETS, component_titles
 
 
-def convert(src: Path | str, to: str, out: Path | str, config_dir: Path | str | None = None,
+@dataclass
+class ConvertReport(Report):
+    """A model converted: what was written, from what, what the base supplied, what was left out."""
+
+    source: Path
+    source_layout: str
+    written: Written
+    base: Path | None = None
+    from_base: list[str] = field(default_factory=list)
+    unknown_keys: list[str] = field(default_factory=list)
+    dtype: str | None = None
+
+    def describe(self) -> str:
+        lines = [f"wrote {self.written.output} ({self.written.layout}, {self.written.bytes / 1e9:.2f} GB) from "
+                 f"{self.source} ({self.source_layout})"]
+        if self.from_base:
+            lines.append(f"  from {self.base}: {component_titles(self.from_base)}")
+        elif self.base:
+            lines.append(f"  {self.base} was not needed: the source has every component")
+        return "\n".join(lines)
+
+
+@dataclass
+class LoraConvertReport(Report):
+    """A LoRA rewritten in another format, tensors copied bit for bit."""
+
+    source: Path
+    source_format: str
+    output: Path
+    format: str
+    modules: int
+    data_sha256: str
+
+    def describe(self) -> str:
+        return (f"wrote {self.output} ({self.format}, {self.modules} modules) from {self.source} "
+                f"({self.source_format})")
+
+
+def convert(src: Path | str, to: str, out: Path | str, *, config_dir: Path | str | None = None,
             base: Path | str | None = None, dtype: str | None = None, strict: bool = False,
-            overwrite: bool = False) -> dict:
-    """Convert `src` into `out` in format `to`; returns what was written, what came from the base, and the
-    keys that were left out (reported, or an error with `strict`)."""
+            overwrite: bool = False) -> ConvertReport | LoraConvertReport:
+    """Convert `src` into `out` as `to` (a key of `vocabulary.MODEL_TARGETS` or `LORA_TARGETS`); `dtype`
+    (fp16/bf16/fp32) casts floating tensors. Keys no map places are left out and reported, or refused with
+    `strict`."""
     src, out = Path(src), Path(out)
+    code = dtypes.parse(dtype)
+    if to not in MODEL_TARGETS and to not in LORA_TARGETS:
+        raise UsageError(f"--to {to}: choose one of {', '.join([*MODEL_TARGETS, *LORA_TARGETS])}")
     if out.exists() and not overwrite:
-        raise UserError(f"{out}: already exists; pass --overwrite to replace it")
+        raise UserError("already exists; pass --overwrite to replace it", path=out)
     if out.resolve() == src.resolve() or (base is not None and out.resolve() == Path(base).resolve()):
-        raise UserError(f"{out}: is an input of this conversion; write to another path")
+        raise UserError("is an input of this conversion; write to another path", path=out)
     is_lora = detect(src).layout == "lora"
     if to in LORA_TARGETS:
         if not is_lora:
-            raise UserError(f"{src}: is not a LoRA; --to {to} converts LoRA files (models convert --to "
-                            f"{' or '.join(TARGETS)})")
-        from lightning_tools.lora import convert_lora_file
-
-        return convert_lora_file(src, to, out, overwrite)
+            raise UserError(f"is not a LoRA; --to {to} converts LoRA files (models convert --to "
+                            f"{' or '.join(MODEL_TARGETS)})", path=src)
+        return convert_lora(src, to, out, overwrite=overwrite)
     if is_lora:
-        raise UserError(f"{src}: is a LoRA; convert it with --to kohya or --to peft, or merge it into a model")
+        raise UserError("is a LoRA; convert it with --to kohya or --to peft, or merge it into a model", path=src)
     ckpt = open_checkpoint(src, config_dir, strict)
     filled: list[str] = []
     base_ckpt = None
@@ -47,65 +86,27 @@ def convert(src: Path | str, to: str, out: Path | str, config_dir: Path | str | 
         base_ckpt = open_checkpoint(base, config_dir, strict)
         filled = [c for c in ckpt.missing if c in base_ckpt.components]
         ckpt = with_base(ckpt, base_ckpt)
-    sources = [meta.Source("source", src.name, source_sha256(src, ckpt.metadata))]
+    sources = [prov.Source.of("source", src, ckpt.metadata)]
     if base_ckpt is not None and filled:
-        sources.append(meta.Source("base", Path(base).name, source_sha256(Path(base), base_ckpt.metadata)))
-    metadata = output_metadata(src, ckpt.metadata, sources, "diffusers" if to == "diffusers" else "sgm")
-    result = write_checkpoint(ckpt, out, to, dtype=dtype, metadata=metadata, overwrite=overwrite,
-                              config_dir=config_dir)
-    result.update(source=str(src), source_layout=ckpt.layout, base=str(base) if base else None,
-                  from_base=filled, unknown_keys=ckpt.unknown_keys, dtype=dtype)
-    return result
+        sources.append(prov.Source.of("base", Path(base), base_ckpt.metadata))
+    metadata = prov.output_metadata(src, ckpt.metadata, sources, "convert",
+                                    implementation="diffusers" if to == "diffusers" else "sgm")
+    written = write_checkpoint(ckpt, out, to, dtype=code, metadata=metadata, overwrite=overwrite,
+                               config_dir=config_dir)
+    return ConvertReport(src, ckpt.layout, written, Path(base) if base else None, filled, ckpt.unknown_keys, dtype)
 
 
-def source_sha256(path: Path, metadata: dict[str, str]) -> str | None:
-    """The input's identity for provenance, without hashing a file twice when it is already known.
+def convert_lora(src: Path, to: str, out: Path, *, overwrite: bool = False) -> LoraConvertReport:
+    """Rewrite a LoRA in another format (`to`: kohya or peft); tensors are copied bit for bit.
 
-    The fetch manifest or hub cache gives the whole-file sha256 for free; a file we (or another ModelSpec
-    writer) made carries the sha256 of its data; anything else is hashed once. A folder has no one hash.
+    The output keeps the input's metadata and says where it came from, with the Lightning sampler settings
+    when the input is a Lightning LoRA (by our metadata, the catalogue or its name).
     """
-    if path.is_dir():
-        return None
-    from lightning_tools.hub import manifest_entry
-
-    recorded = manifest_entry(path)
-    if recorded and recorded.get("sha256"):
-        return recorded["sha256"]
-    claimed = metadata.get(HASH_KEY, "").lower().removeprefix("0x")
-    if _HEX64.fullmatch(claimed):
-        return claimed
-    from lightning_tools.progress import bar
-
-    with bar(path.stat().st_size, desc=f"sha256 {path.name}") as progress:
-        return hash_file(path, progress=progress)
-
-
-def output_metadata(src: Path, metadata: dict[str, str], sources: list[meta.Source],
-                    implementation: str = "sgm") -> dict[str, str]:
-    """ModelSpec + provenance for the output, keeping the input's own keys (title, description, steps...)."""
-    from lightning_tools.catalog import settings_for
-
-    title = metadata.get(meta.TITLE) or src.name.removesuffix(".safetensors")
-    out = meta.modelspec(title, implementation=implementation)
-    out.update({k: v for k, v in meta.carried_over(metadata).items() if k != meta.IMPLEMENTATION})
-    out.pop("format", None)  # a diffusers/transformers file marker, not a property of the model
-    found = settings_for(src, metadata, sources[0].sha256)
-    settings = found[0] if found else None
-    earlier = [meta.Source(**s) for s in meta.read_sources(metadata)]  # a merge's base and LoRAs stay on record
-    out.update(meta.lightning_provenance("convert", earlier + sources, settings))
-    return out
-
-
-def describe(result: dict) -> str:
-    """A few lines for people."""
-    if "source_layout" not in result:  # a LoRA conversion (lora.convert_lora_file)
-        return (f"wrote {result.get('out')} ({result.get('to')}, {result.get('modules')} modules) from "
-                f"{result.get('source')} ({result.get('from')})")
-    size = result["bytes"] / 1e9
-    lines = [f"wrote {result['output']} ({result['format']}, {size:.2f} GB) from {result['source']} "
-             f"({result['source_layout']})"]
-    if result["from_base"]:
-        lines.append(f"  from {result['base']}: {', '.join(NAMES[c] for c in result['from_base'])}")
-    elif result["base"]:
-        lines.append(f"  {result['base']} was not needed: the source has every component")
-    return "\n".join(lines)
+    read = lora.read_lora(src)
+    if read.unresolved:
+        raise UserError(f"{len(read.unresolved)} modules name nothing in SDXL (e.g. {read.unresolved[0]}); is "
+                        "this an SDXL LoRA?", path=src)
+    metadata = prov.output_metadata(src, read.metadata, [prov.Source.of("source", src, read.metadata)], "convert",
+                                    lora=True)
+    data_sha = lora.write_lora(read.modules, out, to, metadata, overwrite)
+    return LoraConvertReport(src, read.format, out, to, len(read.modules), data_sha)

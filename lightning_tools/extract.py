@@ -23,13 +23,14 @@ from pathlib import Path
 
 import torch
 
-from lightning_tools import catalog, lora
-from lightning_tools import metadata as meta
+from lightning_tools import dtypes, lora
+from lightning_tools import provenance as meta
 from lightning_tools.checkpoint import Checkpoint, open_checkpoint
 from lightning_tools.errors import UserError
 from lightning_tools.progress import bar
-from lightning_tools.tensors import (CODE_OF, DTYPE_NAMES, FLOAT_CODES, TORCH_DTYPE, LazyTensor, Planned,
-                                     SafetensorsFile, SafetensorsWriter)
+from lightning_tools.report import Report
+from lightning_tools.stream import LazyTensor
+from lightning_tools.tensors import Planned, SafetensorsFile, SafetensorsWriter
 
 FORMATS = ("kohya", "peft")
 # Our metadata key for the extraction report (JSON): settings, overall error/energy, per-module table.
@@ -193,9 +194,9 @@ def plan_targets(base: Checkpoint, tuned: Checkpoint, rank: int, conv_rank: int)
 
 # --- the command --------------------------------------------------------------------------------------------
 
-def extract_lora(base: Path | str, tuned: Path | str, out: Path | str, rank: int, conv_rank: int | None = None,
+def extract_lora(base: Path | str, tuned: Path | str, out: Path | str, *, rank: int, conv_rank: int | None = None,
                  format: str = "kohya", device: str = "cpu", min_diff: float = 0.0,
-                 clamp_quantile: float | None = None, dtype: str = "fp16", overwrite: bool = False) -> dict:
+                 clamp_quantile: float | None = None, dtype: str = "fp16", overwrite: bool = False) -> ExtractReport:
     """Extract a rank-`rank` LoRA of `tuned` - `base` into `out`; returns the report (overall and per module).
 
     `conv_rank` applies to 3x3 convs (default `rank`). Modules whose largest absolute change is at most
@@ -217,7 +218,7 @@ def extract_lora(base: Path | str, tuned: Path | str, out: Path | str, rank: int
     try:
         reports = _write_factors(factors_path, targets, base_ckpt.components["unet"],
                                  tuned_ckpt.components["unet"], torch.device(device), min_diff, clamp_quantile,
-                                 TORCH_DTYPE[DTYPE_NAMES[dtype]])
+                                 dtypes.torch_dtype(dtypes.USER_DTYPES[dtype]))
         untargeted = _untargeted_change(targets, base_ckpt.components["unet"], tuned_ckpt.components["unet"])
         summary = _summary(reports, untargeted, rank, conv_rank, min_diff, clamp_quantile, dtype)
         metadata, settings = _metadata(out, base, tuned, base_ckpt, tuned_ckpt, summary, reports)
@@ -228,9 +229,24 @@ def extract_lora(base: Path | str, tuned: Path | str, out: Path | str, rank: int
         sha = lora.write_lora(modules, out, format, metadata, overwrite)
     finally:
         factors_path.unlink(missing_ok=True)
-    return {"base": str(base), "tuned": str(tuned), "out": str(out), "format": format, **summary,
-            "settings": settings, "sha256": sha, "bytes": out.stat().st_size,
-            "seconds": round(time.monotonic() - started, 1), "per_module": [r.as_dict() for r in reports]}
+    return ExtractReport({"base": str(base), "tuned": str(tuned), "out": str(out), "format": format, **summary,
+                          "settings": settings, "sha256": sha, "bytes": out.stat().st_size,
+                          "seconds": round(time.monotonic() - started, 1),
+                          "per_module": [r.as_dict() for r in reports]})
+
+
+@dataclass
+class ExtractReport(Report):
+    data: dict
+
+    def __getitem__(self, key: str):
+        return self.data[key]
+
+    def to_json(self) -> dict:
+        return self.data
+
+    def describe(self) -> str:
+        return describe(self.data)
 
 
 def _check_options(out: Path, rank: int, conv_rank: int | None, format: str, device: str,
@@ -242,8 +258,7 @@ def _check_options(out: Path, rank: int, conv_rank: int | None, format: str, dev
         raise UserError(f"rank {min(rank, conv_rank or rank)} is not allowed; ranks are 1 or more")
     if format not in FORMATS:
         raise UserError(f"unknown LoRA format {format!r}; choose kohya or peft")
-    if dtype not in DTYPE_NAMES:
-        raise UserError(f"unknown dtype {dtype!r}; choose one of {', '.join(DTYPE_NAMES)}")
+    dtypes.parse(dtype)
     if clamp_quantile is not None and not 0 < clamp_quantile <= 1:
         raise UserError(f"--clamp-quantile {clamp_quantile} is outside (0, 1]; try 0.99")
     if device.startswith("cuda") and not torch.cuda.is_available():
@@ -258,7 +273,7 @@ def _write_factors(path: Path, targets: list[Target], base: Mapping[str, LazyTen
     Skipped modules are planned like the others (the header comes first) and written as zeros; they are left
     out of the final file.
     """
-    code = CODE_OF[dtype]
+    code = dtypes.code_of(dtype)
     plan = []
     for t in targets:
         down_shape, up_shape = _factor_shapes(t.shape, t.rank)
@@ -300,7 +315,7 @@ def _untargeted_change(targets: list[Target], base: Mapping[str, LazyTensor],
     target_keys = {t.module + ".weight" for t in targets}
     changed, outside = 0, 0.0
     for key, t in base.items():
-        if key in target_keys or t.dtype not in FLOAT_CODES:
+        if key in target_keys or t.dtype not in dtypes.FLOAT_CODES:
             continue
         diff = float((tuned[key].load().float() - t.load().float()).square().sum())
         if diff > 0:
@@ -335,11 +350,9 @@ def _is_kxk(shape: tuple[int, ...]) -> bool:
 def _metadata(out: Path, base: Path, tuned: Path, base_ckpt: Checkpoint, tuned_ckpt: Checkpoint, summary: dict,
               reports: list[ModuleReport]) -> tuple[dict[str, str], dict | None]:
     """ModelSpec + provenance (with the tuned file's Lightning settings when recognised) + the extract report."""
-    from lightning_tools.convert import source_sha256
-
-    sources = [meta.Source("base", base.name, source_sha256(base, base_ckpt.metadata)),
-               meta.Source("tuned", tuned.name, source_sha256(tuned, tuned_ckpt.metadata))]
-    found = catalog.settings_for(tuned, tuned_ckpt.metadata, sources[1].sha256)
+    sources = [meta.Source.of("base", base, base_ckpt.metadata), meta.Source.of("tuned", tuned, tuned_ckpt.metadata)]
+    found = meta.settings_for(tuned, tuned_ckpt.metadata,
+                              sources[1].sha256 if sources[1].sha256_of == "file" else None)
     settings = found[0] if found else None
     table = {r.module: [r.rank, _round(r.error), _round(r.energy)] for r in reports}
     report = summary | {"per_module": {"columns": ["rank", "error", "energy"], "rows": table}}

@@ -28,6 +28,7 @@ from lightning_tools import catalog
 from lightning_tools.catalog import CatalogEntry
 from lightning_tools.errors import UserError
 from lightning_tools.progress import bar
+from lightning_tools.report import Report
 from lightning_tools.tensors import atomic_output, hash_file
 
 MANIFEST_NAME = "lightning-manifest.json"
@@ -199,7 +200,7 @@ class _Expected:
 
 
 def fetch(entries: Sequence[CatalogEntry], dest: Path | str | None = None, repo_id: str = catalog.REPO_ID,
-          revision: str | None = None, overwrite: bool = False) -> list[Fetched]:
+          revision: str | None = None, overwrite: bool = False) -> "FetchReport":
     """Download (or find) each entry's file, verify its sha256, and return where the verified files are.
 
     Without `dest` the files stay in the hub cache and the returned paths point there. With `dest` each file is
@@ -231,7 +232,7 @@ def fetch(entries: Sequence[CatalogEntry], dest: Path | str | None = None, repo_
         results.append(_fetch_one(env, entry.filename, repo_id, revision, listing, unreachable, expected, dest))
     if dest is not None and results:
         _write_manifest(dest, results)
-    return results
+    return FetchReport(results)
 
 
 def _expected(entry: CatalogEntry, official: bool, listing: Listing | None, repo_id: str, revision: str,
@@ -349,30 +350,28 @@ def _verify(cached: Path, filename: str, expected: _Expected, dest: Path | None)
     size = cached.stat().st_size
     if expected.size is not None and size != expected.size:
         raise _Mismatch(f"{size} bytes instead of {expected.size}")
-    with bar(size, f"verifying {filename}") as progress:
-        if dest is None:
-            actual = hash_file(cached, progress=progress)
+    if dest is None:
+        actual = hash_file(cached, desc=f"verifying {filename}")
+        if actual != expected.sha256:
+            raise _Mismatch(f"sha256 {actual}")
+    else:
+        with atomic_output(dest / filename, overwrite=True) as tmp:
+            actual = _copy_hashing(cached, tmp, f"verifying {filename}")
             if actual != expected.sha256:
                 raise _Mismatch(f"sha256 {actual}")
-        else:
-            with atomic_output(dest / filename, overwrite=True) as tmp:
-                actual = _copy_hashing(cached, tmp, progress)
-                if actual != expected.sha256:
-                    raise _Mismatch(f"sha256 {actual}")
     return size
 
 
-def _copy_hashing(src: Path, dst: Path, progress=None) -> str:
+def _copy_hashing(src: Path, dst: Path, desc: str) -> str:
     """Copy `src` to `dst` and return the sha256 of what was copied: one read serves both."""
     digest = hashlib.sha256()
     buf = bytearray(_CHUNK)
     view = memoryview(buf)
-    with open(src, "rb", buffering=0) as f, open(dst, "wb") as out:
+    with open(src, "rb", buffering=0) as f, open(dst, "wb") as out, bar(src.stat().st_size, desc) as progress:
         while n := f.readinto(buf):
             digest.update(view[:n])
             out.write(view[:n])
-            if progress is not None:
-                progress.update(n)
+            progress.update(n)
     return digest.hexdigest()
 
 
@@ -382,3 +381,21 @@ def _remove_from_cache(pointer: Path) -> None:
     for p in (pointer, blob):
         if p.is_symlink() or p.exists():
             p.unlink()
+
+
+@dataclass
+class FetchReport(Report):
+    """The verified files of one fetch."""
+
+    files: list[Fetched]
+
+    def to_json(self) -> list:  # type: ignore[override]
+        return [f.as_dict() for f in self.files]
+
+    def describe(self) -> str:
+        return "\n".join(str(f.path) for f in self.files)
+
+    def notes(self) -> list[str]:
+        """What each file was checked against, for stderr (stdout stays the list of paths)."""
+        return [f"{f.filename}: {f.action}, sha256 {f.sha256[:12]}… matches "
+                + ("the official file" if f.official else f"{f.repo_id}'s listed hash") for f in self.files]

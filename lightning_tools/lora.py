@@ -22,9 +22,10 @@ from pathlib import Path
 
 import torch
 
-from lightning_tools import metadata as meta
+from lightning_tools import dtypes, provenance
 from lightning_tools.errors import UserError
-from lightning_tools.tensors import TORCH_DTYPE, LazyTensor, SafetensorsFile, read_tensor, write_tensors
+from lightning_tools.stream import LazyTensor, write_file
+from lightning_tools.tensors import SafetensorsFile, read_tensor
 
 LORA_COMPONENTS = ("unet", "text_encoder", "text_encoder_2")
 TE_PREFIX = "text_model."
@@ -361,11 +362,11 @@ def write_lora(modules: Iterable[LoraModule], out: Path | str, format: str = "ko
             metadata[PEFT_METADATA_KEY] = json.dumps(_peft_config(modules), indent=2, sort_keys=True)
     else:
         raise UserError(f"unknown LoRA format {format!r}; choose kohya or peft")
-    return write_tensors(out, tensors, metadata, overwrite=overwrite, desc=Path(out).name)
+    return write_file(out, tensors, metadata=provenance.with_data_hash(metadata), overwrite=overwrite)
 
 
 def _scalar(value: float, dtype: str) -> LazyTensor:
-    return LazyTensor(dtype, (), lambda: torch.tensor(value, dtype=TORCH_DTYPE[dtype]))
+    return LazyTensor(dtype, (), lambda: torch.tensor(value, dtype=dtypes.torch_dtype(dtype)))
 
 
 def _most_common(values: list) -> object:
@@ -397,31 +398,6 @@ def _peft_config(modules: list[LoraModule]) -> dict:
             f"{component}.target_modules": list(names.values()),
         }
     return config
-
-
-def convert_lora_file(src: Path | str, to: str, out: Path | str, overwrite: bool = False) -> dict:
-    """Rewrite a LoRA in another format (`to`: kohya or peft); tensors are copied bit for bit.
-
-    The output keeps the input's metadata and says where it came from, with the Lightning sampler settings
-    when the input is a Lightning LoRA (by our metadata, the catalogue or its name).
-    """
-    from lightning_tools.catalog import settings_for
-    from lightning_tools.convert import source_sha256
-
-    src, out = Path(src), Path(out)
-    lora = read_lora(src)
-    if lora.unresolved:
-        raise UserError(f"{src}: {len(lora.unresolved)} modules name nothing in SDXL (e.g. {lora.unresolved[0]}); "
-                        f"is this an SDXL LoRA?")
-    sha = source_sha256(src, lora.metadata)
-    found = settings_for(src, lora.metadata, sha)
-    settings = found[0] if found else None
-    title = lora.metadata.get(meta.TITLE) or src.name.removesuffix(".safetensors")
-    metadata = meta.carried_over(lora.metadata) | meta.modelspec(title, lora=True) | meta.lightning_provenance(
-        "convert", [meta.Source("source", src.name, sha)], settings)
-    data_sha = write_lora(lora.modules, out, to, metadata, overwrite)
-    return {"source": str(src), "from": lora.format, "to": to, "out": str(out), "modules": len(lora.modules),
-            "sha256_data": data_sha}
 
 
 def lightning_target_modules(unet: torch.nn.Module) -> list[tuple[str, torch.nn.Module]]:

@@ -12,21 +12,26 @@ from __future__ import annotations
 import dataclasses
 import math
 import threading
-from concurrent.futures import Future, ThreadPoolExecutor
 from collections.abc import Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-import torch
-
-from lightning_tools import metadata as meta
-from lightning_tools.checkpoint import Checkpoint, open_checkpoint, write_checkpoint
-from lightning_tools.errors import UserError
+from lightning_tools import dtypes
+from lightning_tools import provenance as prov
+from lightning_tools.checkpoint import Checkpoint, Written, open_checkpoint, write_checkpoint
+from lightning_tools.device import parse_device
+from lightning_tools.errors import UsageError, UserError
 from lightning_tools.lora import LoraFile, LoraModule, add_lora, modules_of_keys, read_lora
-from lightning_tools.tensors import DTYPE_NAMES, ITEM_SIZE, TORCH_DTYPE, LazyTensor, read_tensor, target_dtype
+from lightning_tools.report import Report
+from lightning_tools.stream import LazyTensor
+from lightning_tools.tensors import read_tensor
+
+if TYPE_CHECKING:
+    import torch
 
 OUTPUTS = ("comfyui", "diffusers")
-DEVICES = ("cpu", "cuda")
 _SHOWN = 10  # unmatched modules named in an error message
 
 
@@ -79,30 +84,35 @@ def _fits(delta: tuple[int, ...], weight: tuple[int, ...]) -> bool:
     return tuple(delta) == tuple(weight) or strip(delta) == strip(weight)
 
 
-def apply_plan(base: Checkpoint, plan: MergePlan, compute_dtype: torch.dtype = torch.float32,
-               device: str = "cpu", dtype: str | None = None) -> Checkpoint:
+def apply_plan(base: Checkpoint, plan: MergePlan, compute_dtype: "torch.dtype | None" = None,
+               device: "torch.device | str" = "cpu", dtype: str | None = None) -> Checkpoint:
     """The base with every planned weight replaced by its lazily merged value (untouched tensors as stored).
 
-    A merged weight is computed in `compute_dtype` and rounded once to the output `dtype` (fp16/bf16/fp32;
-    None keeps the base's). Weights are computed one ahead of the writer in a worker thread, so the arithmetic
+    A merged weight is computed in `compute_dtype` (default fp32) and rounded once to the output `dtype` (fp16/bf16/fp32;
+    None keeps the base's; a safetensors code). Weights are computed one ahead of the writer in a worker thread, so the arithmetic
     of the next weight overlaps the writing of this one.
     """
+    import torch
+
+    compute_dtype = compute_dtype or torch.float32
     components = {c: dict(tensors) for c, tensors in base.components.items()}
     order = [(c, k) for c, tensors in components.items() for k in tensors if (c, k) in plan.targets]
     scratch = _Scratch()
 
-    def compute(target: tuple[str, str]) -> torch.Tensor:
+    def compute(target: tuple[str, str]) -> "torch.Tensor":
+        import torch
+
         weight = base.components[target[0]][target[1]]
         stored = scratch.read(weight.stored) if weight.stored is not None else weight.load()
         w = scratch.work(weight.shape, compute_dtype, device).copy_(stored)
         for module, strength in plan.targets[target]:
             add_lora(w, module, strength)
-        return torch.empty(w.shape, dtype=TORCH_DTYPE[target_dtype(weight.dtype, dtype)]).copy_(w)
+        return torch.empty(w.shape, dtype=dtypes.torch_dtype(dtypes.target(weight.dtype, dtype))).copy_(w)
 
     ahead = _OneAhead(order, compute)
     for c, key in order:
         weight = components[c][key]
-        components[c][key] = LazyTensor(target_dtype(weight.dtype, dtype), weight.shape,
+        components[c][key] = LazyTensor(dtypes.target(weight.dtype, dtype), weight.shape,
                                         lambda target=(c, key): ahead.get(target))
     return dataclasses.replace(base, components=components)
 
@@ -115,12 +125,14 @@ class _Scratch(threading.local):
         self._raw = bytearray()
         self._work: torch.Tensor | None = None
 
-    def read(self, info) -> torch.Tensor:
+    def read(self, info) -> "torch.Tensor":
         if len(self._raw) < info.nbytes:
             self._raw = bytearray(info.nbytes)
         return read_tensor(info, into=self._raw)
 
-    def work(self, shape: tuple[int, ...], dtype: torch.dtype, device: str) -> torch.Tensor:
+    def work(self, shape: tuple[int, ...], dtype: "torch.dtype", device) -> "torch.Tensor":
+        import torch
+
         n = math.prod(shape)
         if self._work is None or self._work.numel() < n or self._work.dtype != dtype:
             self._work = torch.empty(n, dtype=dtype, device=device)
@@ -137,7 +149,7 @@ class _OneAhead:
         self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="merge-ahead")
         self._pending: tuple[object, Future] | None = None
 
-    def get(self, key) -> torch.Tensor:
+    def get(self, key) -> "torch.Tensor":
         pending, self._pending = self._pending, None
         value = pending[1].result() if pending and pending[0] == key else self._compute(key)
         following = self._next.get(key)
@@ -150,67 +162,120 @@ def output_format(base: Checkpoint, out: Path, to: str | None) -> str:
     """checkpoint.write_checkpoint's `to`: from --to, else from OUT (`*.safetensors` is one file); a UNet-only
     base gives a UNet-only file."""
     if to is not None and to not in OUTPUTS:
-        raise UserError(f"unknown output format {to!r}; choose one of {', '.join(OUTPUTS)}")
+        raise UsageError(f"--to {to}: choose one of {', '.join(OUTPUTS)}")
     single = to == "comfyui" or (to is None and out.suffix == ".safetensors")
     unet_only = set(base.components) == {"unet"}
     if not single:
         if unet_only:
-            raise UserError(f"{out}: a diffusers pipeline folder needs a VAE and text encoders, which {base.path} "
-                            "(a UNet) lacks; give an OUT ending in .safetensors for a merged UNet file")
+            raise UserError(f"a diffusers pipeline folder needs a VAE and text encoders, which {base.path} (a UNet) "
+                            "lacks; give an OUT ending in .safetensors for a merged UNet file", path=out)
         return "diffusers"
     if unet_only:
         return "diffusers" if base.layout == "unet-diffusers" and to is None else "comfyui-unet"
     return "comfyui"
 
 
-def merge(base: Path | str, loras: Sequence[Path | str], strengths: Sequence[float], out: Path | str,
+@dataclass
+class LoraMatch:
+    """One LoRA of a merge: its file, format, strength, module count and how many matched, per component."""
+
+    file: Path
+    format: str
+    strength: float
+    modules: int
+    matched: dict[str, int]
+
+
+@dataclass
+class MergeReport(Report):
+    """What a merge matched and wrote (or, for a dry run, would write)."""
+
+    base: Path
+    base_layout: str
+    output: Path
+    target: str
+    dtype: str | None
+    compute_dtype: str
+    device: str
+    loras: list[LoraMatch]
+    tensors_merged: int
+    unmatched_modules: list[str]
+    unknown_keys: list[str]
+    estimated_bytes: int
+    lightning: dict[str, str] = field(default_factory=dict)
+    written: Written | None = None
+
+    def describe(self) -> str:
+        """A few lines for people: what matched, what was written (or would be, for a dry run)."""
+        lines = [f"base {self.base} ({self.base_layout})"]
+        for lora in self.loras:
+            matched = ", ".join(f"{c} {n}" for c, n in lora.matched.items()) or "nothing"
+            lines.append(f"  + {lora.file} ({lora.format}) at {lora.strength:g}: {lora.modules} modules, "
+                         f"matched {matched}")
+        if self.unmatched_modules:
+            lines.append(f"  skipped {len(self.unmatched_modules)} unmatched LoRA modules "
+                         f"(e.g. {self.unmatched_modules[0]})")
+        if self.unknown_keys:
+            lines.append(f"  left out {len(self.unknown_keys)} base tensors no SDXL key map places "
+                         f"(e.g. {self.unknown_keys[0]})")
+        if self.written is not None:
+            lines.append(f"wrote {self.output} ({self.written.layout}, {self.written.bytes / 1e9:.2f} GB), "
+                         f"{self.tensors_merged} weights merged")
+            if self.lightning:
+                lines.append(f"  Lightning: {self.lightning.get(prov.STEPS)} steps "
+                             f"({self.lightning.get(prov.PREDICTION_TYPE)} prediction)")
+        else:
+            lines.append(f"would write {self.output} ({self.target}, about {self.estimated_bytes / 1e9:.2f} GB), "
+                         f"{self.tensors_merged} weights merged (dry run: nothing written)")
+        return "\n".join(lines)
+
+
+def merge(base: Path | str, loras: Sequence[Path | str], out: Path | str, *, strengths: Sequence[float] = (),
           to: str | None = None, dtype: str | None = None, compute_dtype: str = "fp32", device: str = "cpu",
           allow_unmatched: bool = False, dry_run: bool = False, overwrite: bool = False,
-          config_dir: Path | str | None = None) -> dict:
+          config_dir: Path | str | None = None) -> MergeReport:
     """Merge `loras` (each at its strength; one strength applies to all) into `base`, writing `out`.
 
     Refuses, before writing anything, when a LoRA module finds no target of the same shape, unless
-    `allow_unmatched` (then they are skipped and counted). With `dry_run` only the plan is returned.
+    `allow_unmatched` (then they are skipped and reported, as long as something matched). With `dry_run` only
+    the plan is returned. `dtype`/`compute_dtype`: fp16, bf16 or fp32.
     """
     base, out, loras = Path(base), Path(out), [Path(p) for p in loras]
     strengths = _strengths(strengths, len(loras))
-    if dtype is not None and dtype not in DTYPE_NAMES:
-        raise UserError(f"unknown dtype {dtype!r}; choose one of {', '.join(DTYPE_NAMES)}")
-    if compute_dtype not in DTYPE_NAMES:
-        raise UserError(f"unknown compute dtype {compute_dtype!r}; choose one of {', '.join(DTYPE_NAMES)}")
-    _check_device(device)
+    code = dtypes.parse(dtype)
+    compute = dtypes.parse(compute_dtype, "--compute-dtype")
+    dev = parse_device(device)
     for path in (base, *loras):
         if out.resolve() == path.resolve():
-            raise UserError(f"{out}: is an input of this merge; write to another path")
+            raise UserError("is an input of this merge; write to another path", path=out)
     if out.exists() and not overwrite and not dry_run:
-        raise UserError(f"{out}: already exists; pass --overwrite to replace it")
+        raise UserError("already exists; pass --overwrite to replace it", path=out)
 
     ckpt = open_checkpoint(base, config_dir)
     targets = {c: modules_of_keys(t, c) for c, t in ckpt.components.items() if c != "vae"}
     files = [read_lora(p, targets, ckpt.configs["unet"]) for p in loras]
     plan = plan_merge(ckpt, files, strengths)
     to_format = output_format(ckpt, out, to)
-    report = {
-        "base": str(base), "base_layout": ckpt.layout, "output": str(out), "format": to_format, "dtype": dtype,
-        "compute_dtype": compute_dtype, "device": device,
-        "loras": [{"file": str(f.path), "format": f.format, "strength": s, "modules": len(f.modules) +
-                   len(f.unresolved), "matched": counts} for f, s, counts in zip(files, strengths, plan.matched)],
-        "tensors_merged": len(plan.targets), "unmatched": len(plan.unmatched),
-        "unmatched_modules": plan.unmatched, "unknown_keys": ckpt.unknown_keys,
-    }
+    report = MergeReport(
+        base, ckpt.layout, out, to_format, dtype, compute_dtype, device,
+        [LoraMatch(f.path, f.format, s, len(f.modules) + len(f.unresolved), counts)
+         for f, s, counts in zip(files, strengths, plan.matched)],
+        len(plan.targets), plan.unmatched, ckpt.unknown_keys, _estimated_size(ckpt, code))
     if plan.unmatched and not allow_unmatched:
         shown = "; ".join(plan.unmatched[:_SHOWN]) + ("; ..." if len(plan.unmatched) > _SHOWN else "")
         raise UserError(f"{len(plan.unmatched)} LoRA modules find no matching weight in {base} ({shown}); "
                         "is the LoRA for SDXL? --allow-unmatched merges the rest")
+    if not plan.targets:
+        raise UserError(f"no LoRA module matches a weight of {base}: the output would be a plain copy of the base; "
+                        "is the LoRA for SDXL?")
     if dry_run:
-        report["estimated_bytes"] = _estimated_size(ckpt, dtype)
         return report
 
-    merged = apply_plan(ckpt, plan, TORCH_DTYPE[DTYPE_NAMES[compute_dtype]], device, dtype)
+    merged = apply_plan(ckpt, plan, dtypes.torch_dtype(compute), dev, code)
     metadata = _metadata(base, ckpt, files, strengths, out, to_format)
-    report["lightning"] = {k: metadata[k] for k in (meta.STEPS, meta.PREDICTION_TYPE) if k in metadata}
-    report["written"] = write_checkpoint(merged, out, to_format, dtype=dtype, metadata=metadata,
-                                         overwrite=overwrite, config_dir=config_dir)
+    report.lightning = {k: metadata[k] for k in (prov.STEPS, prov.PREDICTION_TYPE) if k in metadata}
+    report.written = write_checkpoint(merged, out, to_format, dtype=code, metadata=metadata, overwrite=overwrite,
+                                      config_dir=config_dir)
     return report
 
 
@@ -219,20 +284,13 @@ def _strengths(strengths: Sequence[float], count: int) -> list[float]:
     if len(strengths) == 1:
         return strengths * count
     if len(strengths) != count:
-        raise UserError(f"{len(strengths)} strengths for {count} LoRAs: give one --strength for all, or one per "
-                        "--lora in the same order")
+        raise UsageError(f"{len(strengths)} strengths for {count} LoRAs: give one --strength for all, or one per "
+                         "--lora in the same order")
     return strengths
 
 
-def _check_device(device: str) -> None:
-    if device not in DEVICES:
-        raise UserError(f"unknown device {device!r}; choose one of {', '.join(DEVICES)}")
-    if device == "cuda" and not torch.cuda.is_available():
-        raise UserError(f"--device cuda: torch {torch.__version__} sees no CUDA GPU here; use --device cpu")
-
-
 def _estimated_size(ckpt: Checkpoint, dtype: str | None) -> int:
-    return sum(math.prod(t.shape) * ITEM_SIZE[target_dtype(t.dtype, dtype)]
+    return sum(math.prod(t.shape) * dtypes.ITEM_SIZE[dtypes.target(t.dtype, dtype)]
                for tensors in ckpt.components.values() for t in tensors.values())
 
 
@@ -240,42 +298,14 @@ def _metadata(base: Path, ckpt: Checkpoint, files: Sequence[LoraFile], strengths
               to_format: str) -> dict[str, str]:
     """ModelSpec + provenance: the base and every LoRA with sha256 and strength, and the sampler settings of
     the first Lightning LoRA merged at a positive strength."""
-    from lightning_tools.catalog import settings_for
-    from lightning_tools.convert import source_sha256
-
-    sources = [meta.Source("base", base.name, source_sha256(base, ckpt.metadata))]
+    sources = [prov.Source.of("base", base, ckpt.metadata)]
     settings = None
     for lora, strength in zip(files, strengths):
-        sha = source_sha256(lora.path, lora.metadata)
-        sources.append(meta.Source("lora", lora.path.name, sha, strength))
-        found = settings_for(lora.path, lora.metadata, sha) if strength > 0 and settings is None else None
+        source = prov.Source.of("lora", lora.path, lora.metadata, strength)
+        sources.append(source)
+        sha = source.sha256 if source.sha256_of == "file" else None
+        found = prov.settings_for(lora.path, lora.metadata, sha) if strength > 0 and settings is None else None
         settings = found[0] if found else settings
     title = out.name.removesuffix(".safetensors")
-    spec = meta.modelspec(title, implementation="diffusers" if to_format == "diffusers" else "sgm")
-    return spec | meta.lightning_provenance("merge", sources, settings)
-
-
-def describe(report: dict) -> str:
-    """A few lines for people: what matched, what was written (or would be, for a dry run)."""
-    lines = [f"base {report['base']} ({report['base_layout']})"]
-    for lora in report["loras"]:
-        matched = ", ".join(f"{c} {n}" for c, n in lora["matched"].items()) or "nothing"
-        lines.append(f"  + {lora['file']} ({lora['format']}) at {lora['strength']:g}: {lora['modules']} modules, "
-                     f"matched {matched}")
-    if report["unmatched"]:
-        lines.append(f"  skipped {report['unmatched']} unmatched LoRA modules")
-    if report["unknown_keys"]:
-        lines.append(f"  left out {len(report['unknown_keys'])} base tensors no SDXL key map places "
-                     f"(e.g. {report['unknown_keys'][0]})")
-    if "written" in report:
-        size = report["written"]["bytes"] / 1e9
-        lines.append(f"wrote {report['output']} ({report['written']['format']}, {size:.2f} GB), "
-                     f"{report['tensors_merged']} weights merged")
-        if report.get("lightning"):
-            lines.append(f"  Lightning: {report['lightning'].get(meta.STEPS)} steps "
-                         f"({report['lightning'].get(meta.PREDICTION_TYPE)} prediction)")
-    else:
-        size = report["estimated_bytes"] / 1e9
-        lines.append(f"would write {report['output']} ({report['format']}, about {size:.2f} GB), "
-                     f"{report['tensors_merged']} weights merged (dry run: nothing written)")
-    return "\n".join(lines)
+    spec = prov.modelspec(title, implementation="diffusers" if to_format == "diffusers" else "sgm")
+    return spec | prov.lightning_provenance("merge", sources, settings)

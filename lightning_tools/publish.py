@@ -16,10 +16,15 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from lightning_tools import catalog, hub, progress
-from lightning_tools import metadata as meta
-from lightning_tools.catalog import SDXL_BASE_REPO, Settings
+from lightning_tools import provenance as meta
+from lightning_tools.catalog import Settings
 from lightning_tools.errors import UserError
-from lightning_tools.tensors import HASH_KEY, TensorSource, atomic_output, hash_file
+from lightning_tools.report import Report
+from lightning_tools.sdxl import SDXL_BASE_REPO
+from lightning_tools.sdxl.detect import detect
+from lightning_tools.sdxl.vocabulary import LAYOUTS
+from lightning_tools.tensors import atomic_output, hash_file
+from lightning_tools.verify import verify_paths
 
 LICENSE = "openrail++"  # SDXL-Lightning's license, which its derivatives inherit
 LIGHTNING_REPO = catalog.REPO_ID
@@ -39,7 +44,9 @@ class Upload:
 
 
 @dataclass
-class PublishPlan:
+class PublishPlan(Report):
+    """The commit publish makes (or, with --dry-run, would make), and after an upload where it landed."""
+
     src: Path
     repo_id: str
     revision: str
@@ -47,29 +54,38 @@ class PublishPlan:
     layout: str
     settings: Settings
     settings_source: str
-    card: str
+    card_text: str = field(repr=False)
     uploads: list[Upload]
     notes: list[str] = field(default_factory=list)
+    card: Path | None = None  # where a dry run wrote the card
+    commit: str | None = None
+    url: str | None = None
 
-    def as_dict(self) -> dict:
-        return {"src": str(self.src), "repo_id": self.repo_id, "revision": self.revision, "private": self.private,
-                "layout": self.layout, "settings": self.settings.as_dict(), "settings_source": self.settings_source,
-                "uploads": [{"path_in_repo": u.path_in_repo, "local": str(u.local) if u.local else None,
-                             "size": u.size, "sha256": u.sha256} for u in self.uploads],
-                "notes": self.notes}
+    def to_json(self) -> dict:
+        return super().to_json() | {"dry_run": self.commit is None}
+
+    def describe(self) -> str:
+        listing = [f"  {u.path_in_repo:<40} {u.size:>14,} B  sha256 {u.sha256[:12]}"
+                   + ("  (generated model card)" if u.local is None else f"  <- {u.local}") for u in self.uploads]
+        notes = [f"note: {n}" for n in self.notes]
+        if self.commit is None:
+            return "\n".join([f"dry run, nothing uploaded: would commit to {self.repo_id}@{self.revision}"
+                              f"{' (private)' if self.private else ''}, creating the repo/branch if missing:",
+                              *listing, *notes, f"model card written to {self.card}"])
+        return "\n".join([f"published {len(self.uploads)} files to {self.repo_id}@{self.revision} (commit "
+                          f"{self.commit[:12]}):", *listing, *notes,
+                          f"hub lists the same sizes and sha256: {self.url}"])
 
 
 # --- planning (local files only) -----------------------------------------------------------------------------
 
-def plan_publish(src: Path | str, repo_id: str, revision: str = "main", private: bool = False,
+def plan_publish(src: Path | str, repo_id: str, *, revision: str = "main", private: bool = False,
                  validation: Path | str | None = None, steps: int | None = None,
-                 base_models: tuple[str, ...] = ()) -> PublishPlan:
-    """Verify `src`, work out its sampler settings and provenance, and build the card and the file list."""
-    from lightning_tools.sdxl.detect import detect
-    from lightning_tools.verify import verify_paths
-
+                 base_models: tuple[str, ...] = (), config_dir: Path | str | None = None) -> PublishPlan:
+    """Verify `src` (against `config_dir`'s configs for a model of another width), work out its sampler settings
+    and provenance, and build the card and the file list."""
     src = Path(src)
-    reports = verify_paths([src])
+    reports = verify_paths([src], config_dir=config_dir).files
     bad = [r for r in reports if not r.ok]
     if bad:
         raise UserError(f"{src}: verification failed, nothing uploaded: "
@@ -81,14 +97,14 @@ def plan_publish(src: Path | str, repo_id: str, revision: str = "main", private:
                         "and LoRAs")
     files = _files(src)
     known = {Path(r.files[0]): r.sha256 for r in reports if r.sha256 and len(r.files) == 1}  # hashed already
-    uploads = [Upload(name, path, path.stat().st_size, known.get(path) or _hash(path)) for name, path in files]
+    uploads = [Upload(name, path, path.stat().st_size, known.get(path) or hash_file(path)) for name, path in files]
 
-    metadata = dict(TensorSource.open(src / "unet" if found.layout == "diffusers" else src).metadata)
+    metadata = dict((found.sources["unet"] if found.layout == "diffusers" else found.source).metadata)
     notes: list[str] = []
     settings, how = _settings(src, metadata, uploads[0].sha256 if src.is_file() else None, steps, notes)
     sheet, summary = _validation(Path(validation), metadata) if validation is not None else (None, None)
     if sheet is not None:
-        uploads.append(Upload(_SHEET_IN_REPO, sheet, sheet.stat().st_size, _hash(sheet)))
+        uploads.append(Upload(_SHEET_IN_REPO, sheet, sheet.stat().st_size, hash_file(sheet)))
     if src.is_dir() and (src / "README.md").is_file():
         notes.append(f"{src / 'README.md'} is not uploaded: the generated model card replaces it")
 
@@ -113,15 +129,10 @@ def _files(src: Path) -> list[tuple[str, Path]]:
     return out
 
 
-def _hash(path: Path) -> str:
-    with progress.bar(path.stat().st_size, desc=f"sha256 {path.name}") as shown:
-        return hash_file(path, progress=shown)
-
-
 def _settings(src: Path, metadata: dict[str, str], sha256: str | None, steps: int | None,
               notes: list[str]) -> tuple[Settings, str]:
     """The model's own settings (metadata, catalogue, name); `steps` given by the user wins."""
-    found = catalog.settings_for(src, metadata, sha256)
+    found = meta.settings_for(src, metadata, sha256)
     if steps is not None:
         prediction = found[0].prediction_type if found else "epsilon"
         if found and found[0].steps != steps:
@@ -159,9 +170,9 @@ def _validation(folder: Path, metadata: dict[str, str]) -> tuple[Path, Validatio
         raise UserError(f"{folder}: the validation render failed its checks (see {report_path}); fix the model or "
                         "publish without --validation")
     rendered = (report.get("model") or {}).get("data_sha256")
-    ours = metadata.get(HASH_KEY)
+    ours = metadata.get(meta.HASH_KEY)
     if rendered and ours and rendered.lower() != ours.lower():
-        raise UserError(f"{folder}: these renders are of another model ({HASH_KEY} {rendered}, this one has "
+        raise UserError(f"{folder}: these renders are of another model ({meta.HASH_KEY} {rendered}, this one has "
                         f"{ours}); render this model again")
     return sheet, ValidationSummary(list(dict.fromkeys(i["prompt"] for i in images)),
                                     sorted({i["seed"] for i in images}), report.get("passed"),
@@ -193,15 +204,18 @@ def render_card(repo_id: str, revision: str, layout: str, metadata: dict[str, st
     weights = [u for u in uploads if u.local is not None and u.path_in_repo != _SHEET_IN_REPO]
     lines = [*front, "", f"# {title}", "", _intro(layout, settings, metadata), ""]
     if sources:
-        lines += ["## What it is made of", "", "| role | file | sha256 | strength |", "|---|---|---|---|"]
+        lines += ["## What it is made of", "", "| role | file | sha256 | sha256 of | strength |", "|---|---|---|---|---|"]
         for s in sources:
-            official = catalog.by_sha256(s.get("sha256") or "")
+            official = catalog.by_sha256(s.get("sha256") or "") if s.get("sha256_of") != "data" else None
             name = f"`{s.get('file', '?')}`" + (f" (official {LIGHTNING_REPO} file)" if official else "")
             strength = "" if s.get("strength") is None else f"{s['strength']:g}"
-            lines.append(f"| {s.get('role', '')} | {name} | `{s.get('sha256') or 'unknown'}` | {strength} |")
+            lines.append(f"| {s.get('role', '')} | {name} | `{s.get('sha256') or 'unknown'}` | "
+                         f"{_HASH_OF.get(s.get('sha256_of'), 'not recorded')} | {strength} |")
+        lines += ["", "A file sha256 is what `sha256sum` and the hub show; a tensor-data sha256 is ModelSpec's "
+                  "`modelspec.hash_sha256` (the bytes after the header), which `lightning-tools verify` checks."]
         tool = metadata.get(meta.TOOL)
         lines += ["", f"Made with `{tool}`." if tool else "", ""]
-    lines += ["## Files", "", "| file | bytes | sha256 |", "|---|---|---|"]
+    lines += ["## Files", "", "| file | bytes | sha256 of the file |", "|---|---|---|"]
     lines += [f"| `{u.path_in_repo}` | {u.size} | `{u.sha256}` |" for u in weights]
     lines += ["", *_settings_table(settings, settings_source), "", "## Usage with diffusers", "", "```python",
               *_diffusers_snippet(layout, repo_id, revision, weights, settings), "```", "",
@@ -226,13 +240,12 @@ def render_card(repo_id: str, revision: str, layout: str, metadata: dict[str, st
     return "\n".join(lines)
 
 
-_WHAT = {"diffusers": "an SDXL pipeline in diffusers layout", "single-file": "an all-in-one SDXL checkpoint "
-         "(ComfyUI / A1111 single-file layout)", "unet-diffusers": "an SDXL UNet (diffusers names)",
-         "unet-single-file": "an SDXL UNet (ComfyUI / A1111 names)", "lora": "an SDXL LoRA"}
+_HASH_OF = {"file": "the whole file", "data": "tensor data (ModelSpec)"}
 
 
 def _intro(layout: str, settings: Settings, metadata: dict[str, str]) -> str:
-    text = (f"A {settings.steps}-step SDXL-Lightning model: {_WHAT[layout]}. Sample it with exactly "
+    what = "an SDXL LoRA" if layout == "lora" else f"SDXL, {LAYOUTS[layout]}"
+    text = (f"A {settings.steps}-step SDXL-Lightning model ({what}). Sample it with exactly "
             f"{settings.steps} step{'s' if settings.steps > 1 else ''}: Lightning models are distilled for a fixed "
             "step count, and other counts give worse images.")
     description = metadata.get(meta.DESCRIPTION)
@@ -316,11 +329,13 @@ def _comfyui_steps(layout: str, weights: list[Upload], s: Settings) -> list[str]
 
 # --- writing and uploading -------------------------------------------------------------------------------------
 
-def write_card(plan: PublishPlan, path: Path | str, overwrite: bool = False) -> Path:
+def write_card(plan: PublishPlan, path: Path | str, *, overwrite: bool = False) -> PublishPlan:
+    """The dry run: the card written to `path`, nothing uploaded."""
     path = Path(path)
     with atomic_output(path, overwrite) as tmp:
-        tmp.write_text(plan.card)
-    return path
+        tmp.write_text(plan.card_text)
+    plan.card = path
+    return plan
 
 
 @contextlib.contextmanager
@@ -338,7 +353,7 @@ def _hub_progress_bars(show: bool) -> Iterator[None]:
             enable_progress_bars()
 
 
-def upload(plan: PublishPlan) -> dict:
+def upload(plan: PublishPlan) -> PublishPlan:
     """Create the repo (and branch) if needed, commit every file at once, then check the hub lists our hashes."""
     import httpx2
     from huggingface_hub import CommitOperationAdd, HfApi
@@ -350,7 +365,7 @@ def upload(plan: PublishPlan) -> dict:
     api = HfApi(endpoint=env.endpoint)
     operations = []
     for u in plan.uploads:
-        op = CommitOperationAdd(u.path_in_repo, str(u.local) if u.local else plan.card.encode())
+        op = CommitOperationAdd(u.path_in_repo, str(u.local) if u.local else plan.card_text.encode())
         op.upload_info.sha256 = bytes.fromhex(u.sha256)  # hashed while verifying: no second read of big files
         operations.append(op)
     try:
@@ -373,5 +388,5 @@ def upload(plan: PublishPlan) -> dict:
     if wrong:
         raise UserError(f"{plan.repo_id}@{commit.oid}: the hub lists other sizes or hashes for "
                         f"{', '.join(wrong)} than were uploaded; upload again")
-    return {"repo_id": plan.repo_id, "revision": plan.revision, "commit": commit.oid, "url": commit.commit_url,
-            "files": [u.path_in_repo for u in plan.uploads]}
+    plan.commit, plan.url = commit.oid, commit.commit_url
+    return plan

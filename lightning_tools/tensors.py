@@ -19,24 +19,15 @@ from collections.abc import Callable, Iterator, Mapping, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-import torch
-
+from lightning_tools import dtypes
 from lightning_tools.errors import CorruptFile, UserError
+from lightning_tools.pickles import PickleFile, not_weights, sniff
 
-ITEM_SIZE = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "F8_E4M3": 1, "F8_E5M2": 1,
-             "I64": 8, "I32": 4, "I16": 2, "I8": 1, "U64": 8, "U32": 4, "U16": 2, "U8": 1, "BOOL": 1}
-TORCH_DTYPE = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
-               "F8_E4M3": torch.float8_e4m3fn, "F8_E5M2": torch.float8_e5m2,
-               "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8,
-               "U8": torch.uint8, "BOOL": torch.bool}
-CODE_OF = {v: k for k, v in TORCH_DTYPE.items()}
-FLOAT_CODES = frozenset({"F64", "F32", "F16", "BF16", "F8_E4M3", "F8_E5M2"})
-# What users type (--dtype fp16) -> safetensors code.
-DTYPE_NAMES = {"fp16": "F16", "bf16": "BF16", "fp32": "F32"}
+if TYPE_CHECKING:
+    import torch
 
-HASH_KEY = "modelspec.hash_sha256"
-_HASH_PLACEHOLDER = "0x" + "0" * 64
 _MAX_HEADER = 100 * 1024 * 1024
 _CHUNK = 16 * 1024 * 1024
 
@@ -62,7 +53,7 @@ class TensorInfo:
 
     @property
     def is_float(self) -> bool:
-        return self.dtype in FLOAT_CODES
+        return self.dtype in dtypes.FLOAT_CODES
 
 
 def _corrupt(path: Path, what: str) -> CorruptFile:
@@ -105,11 +96,11 @@ def read_header(path: Path) -> tuple[dict[str, TensorInfo], dict[str, str], int]
             dtype, shape, (begin, end) = entry["dtype"], tuple(entry["shape"]), entry["data_offsets"]
         except (TypeError, KeyError, ValueError):
             raise _corrupt(path, f"header entry {name!r} is malformed") from None
-        if dtype not in ITEM_SIZE:
+        if dtype not in dtypes.ITEM_SIZE:
             raise _corrupt(path, f"tensor {name!r} has unknown dtype {dtype!r}")
-        if end - begin != math.prod(shape) * ITEM_SIZE[dtype]:
+        if end - begin != math.prod(shape) * dtypes.ITEM_SIZE[dtype]:
             raise _corrupt(path, f"tensor {name!r} spans {end - begin} bytes but {dtype}{list(shape)} needs "
-                                 f"{math.prod(shape) * ITEM_SIZE[dtype]}")
+                                 f"{math.prod(shape) * dtypes.ITEM_SIZE[dtype]}")
         tensors[name] = TensorInfo(name, dtype, shape, path, data_start + begin, data_start + end)
     cursor = data_start
     for info in sorted(tensors.values(), key=lambda t: t.start):
@@ -139,16 +130,17 @@ class SafetensorsFile(Mapping[str, TensorInfo]):
     def __len__(self) -> int:
         return len(self.tensors)
 
-    def load(self, key: str) -> torch.Tensor:
+    def load(self, key: str) -> "torch.Tensor":
         return read_tensor(self.tensors[key])
 
 
 class TensorSource(Mapping[str, TensorInfo]):
-    """Several safetensors files seen as one collection (a sharded component, or a single file)."""
+    """Several weight files seen as one collection (a sharded component, or a single file). Safetensors files
+    are read lazily; PyTorch pickles (`pickles.PickleFile`) fit the same mapping."""
 
-    def __init__(self, files: Sequence[SafetensorsFile]):
+    def __init__(self, files: Sequence[SafetensorsFile | PickleFile]):
         self.files = list(files)
-        self._owner: dict[str, SafetensorsFile] = {}
+        self._owner: dict[str, SafetensorsFile | PickleFile] = {}
         for f in self.files:
             for key in f:
                 if key in self._owner:
@@ -157,8 +149,8 @@ class TensorSource(Mapping[str, TensorInfo]):
 
     @classmethod
     def open(cls, path: Path | str) -> "TensorSource":
-        """A .safetensors file, a `*.safetensors.index.json`, or a component folder holding either."""
-        return cls([SafetensorsFile(p) for p in weight_files(Path(path))])
+        """A weights file, a `*.index.json` of shards, or a component folder holding either."""
+        return cls([open_file(p) for p in weight_files(Path(path))])
 
     @property
     def metadata(self) -> dict[str, str]:
@@ -173,42 +165,59 @@ class TensorSource(Mapping[str, TensorInfo]):
     def __len__(self) -> int:
         return len(self._owner)
 
-    def load(self, key: str) -> torch.Tensor:
+    def load(self, key: str) -> "torch.Tensor":
         return self._owner[key].load(key)
 
     def nbytes(self) -> int:
         return sum(info.nbytes for info in self.values())
 
 
-_WEIGHT_STEMS = ("diffusion_pytorch_model", "model")
+def open_file(path: Path) -> SafetensorsFile | PickleFile:
+    """One weights file, by what its bytes are: safetensors, a PyTorch pickle (read safely), or an error that
+    names what else it is (an image, JSON, text)."""
+    if not path.is_file():
+        raise UserError("no such file" if not path.exists() else "is a folder, expected a weights file", path=path)
+    kind = sniff(path)
+    if kind in ("zip-pickle", "pickle"):
+        return PickleFile(path)
+    if kind in ("safetensors", "unknown") or path.suffix == ".safetensors" and kind == "empty":
+        return SafetensorsFile(path)
+    raise not_weights(path, kind)
+
+
+# Weight file names in a diffusers component folder, preferred first: safetensors (diffusers' and
+# transformers' names), then the pickles older savers wrote.
+_WEIGHT_NAMES = ("diffusion_pytorch_model.safetensors", "model.safetensors", "diffusion_pytorch_model.bin",
+                 "pytorch_model.bin")
 
 
 def weight_files(path: Path) -> list[Path]:
-    """The safetensors files behind a file, an index.json, or a diffusers component folder.
+    """The weight files behind a file, an index.json, or a diffusers component folder.
 
-    In a folder the full-precision weights win over a `.fp16` variant, which is used only when alone.
+    In a folder the full-precision weights win over a `.fp16` variant, which is used only when alone, and
+    safetensors win over pickles.
     """
     if path.is_file():
         if path.name.endswith(".index.json"):
             try:
                 weight_map = json.loads(path.read_text())["weight_map"]
             except (json.JSONDecodeError, KeyError, TypeError):
-                raise UserError(f"{path}: not a valid safetensors index (no weight_map)") from None
+                raise UserError("not a valid weights index (no weight_map)", path=path) from None
             return [path.parent / name for name in dict.fromkeys(weight_map.values())]
         return [path]
     if not path.exists():
         raise UserError(f"{path}: no such file or folder")
-    for variant in ("", ".fp16"):
-        for stem in _WEIGHT_STEMS:
-            index = path / f"{stem}.safetensors.index{variant}.json"
+    for name in _WEIGHT_NAMES:
+        stem, suffix = name.rsplit(".", 1)
+        for variant in ("", ".fp16"):
+            index = path / f"{stem}.{suffix}.index{variant}.json"
             if index.is_file():
                 return weight_files(index)
-            single = path / f"{stem}{variant}.safetensors"
+            single = path / f"{stem}{variant}.{suffix}"
             if single.is_file():
                 return [single]
-    if any(path.glob("*.bin")) or any(path.glob("*.ckpt")):
-        raise UserError(f"{path}: only pickle weights (.bin/.ckpt) here; re-save them as safetensors first")
-    raise UserError(f"{path}: no safetensors weights found")
+    raise UserError("no weights found (no diffusion_pytorch_model.safetensors, model.safetensors or their "
+                    ".bin forms)", path=path)
 
 
 def read_raw(info: TensorInfo, chunk: int = _CHUNK) -> Iterator[memoryview]:
@@ -226,7 +235,7 @@ def read_raw(info: TensorInfo, chunk: int = _CHUNK) -> Iterator[memoryview]:
             yield view[:n]
 
 
-def read_tensor(info: TensorInfo, into: bytearray | None = None) -> torch.Tensor:
+def read_tensor(info: TensorInfo, into: bytearray | None = None) -> "torch.Tensor":
     """A stored tensor read with plain file reads, into `into` (reused scratch, at least info.nbytes) if given.
 
     Not a memory map: every mapped page a stream touches would stay in the process's resident memory, so
@@ -242,16 +251,24 @@ def read_tensor(info: TensorInfo, into: bytearray | None = None) -> torch.Tensor
             if not n:
                 raise _corrupt(info.path, f"ended inside tensor {info.name!r}")
             done += n
-    dtype = TORCH_DTYPE[info.dtype]
+    import torch
+
+    dtype = dtypes.torch_dtype(info.dtype)
     if not info.numel:
         return torch.empty(info.shape, dtype=dtype)
     return torch.frombuffer(data, dtype=dtype, count=info.numel).reshape(info.shape)
 
 
-def tensor_bytes(t: torch.Tensor) -> memoryview:
+def tensor_bytes(t: "torch.Tensor") -> memoryview:
     """A tensor's little-endian bytes as safetensors stores them (zero-copy for contiguous CPU tensors)."""
+    import torch
+
     t = t.detach().to("cpu").contiguous().reshape(-1)
     return memoryview(t.view(torch.uint8).numpy()) if t.numel() else memoryview(b"")
+
+
+# Safetensors metadata, or a function of the data section's sha256 giving it (see SafetensorsWriter).
+Metadata = Mapping[str, str] | Callable[[str], Mapping[str, str]]
 
 
 @dataclass(frozen=True)
@@ -264,7 +281,7 @@ class Planned:
 
     @property
     def nbytes(self) -> int:
-        return math.prod(self.shape) * ITEM_SIZE[self.dtype]
+        return math.prod(self.shape) * dtypes.ITEM_SIZE[self.dtype]
 
 
 @contextlib.contextmanager
@@ -304,35 +321,40 @@ def _remove(p: Path) -> None:
 class SafetensorsWriter:
     """Write a safetensors file tensor by tensor, in the planned order.
 
-    The header is written first from the plan; `modelspec.hash_sha256` (sha256 of the data after the header)
-    is filled in at the end when `metadata` asks for it by containing that key. Use as a context manager on a
-    path from `atomic_output`, or on a final path (it then writes to a temporary name itself).
+    The header is written first from the plan. `metadata` may be a function of the sha256 of the data section:
+    it is called with 64 zeros for the first header and with the real hash at the end, and the final header
+    is written over the first (it must not be longer). So a file can carry its own data hash while this I/O
+    layer knows nothing of what the keys mean. Use as a context manager on a path from `atomic_output`, or on
+    a final path (it then writes to a temporary name itself).
     Stored tensors copied unchanged (`copy`) move inside the kernel with copy_file_range, as `cp` does, where
     the OS and filesystems allow it.
     """
 
-    def __init__(self, path: Path | str, plan: Sequence[Planned], metadata: Mapping[str, str] | None = None,
+    def __init__(self, path: Path | str, plan: Sequence[Planned], metadata: Metadata | None = None,
                  overwrite: bool = False):
         self.path = Path(path)
         self.plan = list(plan)
-        self.metadata = {k: str(v) for k, v in (metadata or {}).items()}
+        self._metadata_of = metadata if callable(metadata) else None
+        self.metadata = self._metadata("0" * 64) if callable(metadata) else dict(metadata or {})
         self.overwrite = overwrite
-        self._want_hash = HASH_KEY in self.metadata
-        if self._want_hash:
-            self.metadata[HASH_KEY] = _HASH_PLACEHOLDER
         self._next = 0
         self._pending = 0
         self._kernel_copy = hasattr(os, "copy_file_range")
         self._sources: dict[Path, int] = {}
         self.sha256: str | None = None
 
-    def _header(self) -> bytes:
+    def _metadata(self, sha256: str) -> dict[str, str]:
+        return {k: str(v) for k, v in self._metadata_of(sha256).items()}
+
+    def _header(self, room: int = 0) -> bytes:
+        """The header JSON padded with spaces to a multiple of 8 bytes, and to at least `room` bytes."""
         header: dict[str, object] = {"__metadata__": self.metadata} if self.metadata else {}
         offset = 0
         for p in self.plan:
             header[p.name] = {"dtype": p.dtype, "shape": list(p.shape), "data_offsets": [offset, offset + p.nbytes]}
             offset += p.nbytes
         raw = json.dumps(header, separators=(",", ":")).encode()
+        raw += b" " * max(0, room - len(raw))
         return raw + b" " * (-len(raw) % 8)
 
     def __enter__(self) -> "SafetensorsWriter":
@@ -349,13 +371,13 @@ class SafetensorsWriter:
         self._write_all(struct.pack("<Q", len(header)) + header)
         return self
 
-    def write(self, name: str, data: torch.Tensor | bytes | memoryview) -> None:
+    def write(self, name: str, data: "torch.Tensor | bytes | memoryview") -> None:
         """Append the next planned tensor: a torch tensor of the planned dtype, or its raw bytes."""
         planned = self.plan[self._next]
         if name != planned.name:
             raise ValueError(f"expected tensor {planned.name!r} next, got {name!r}")
-        if isinstance(data, torch.Tensor):
-            if CODE_OF.get(data.dtype) != planned.dtype or tuple(data.shape) != planned.shape:
+        if not isinstance(data, (bytes, bytearray, memoryview)):
+            if dtypes.code_of(data.dtype) != planned.dtype or tuple(data.shape) != planned.shape:
                 raise ValueError(f"{name}: got {data.dtype}{list(data.shape)}, planned {planned.dtype}{list(planned.shape)}")
             data = tensor_bytes(data)
         self.write_bytes(data)
@@ -430,10 +452,12 @@ class SafetensorsWriter:
                 raise ValueError(f"writer closed after {self._next} of {len(self.plan)} tensors (next: {missing})")
             if exc_type is None:
                 self.sha256 = self._hasher.hexdigest()
-                if self._want_hash:
-                    self.metadata[HASH_KEY] = "0x" + self.sha256
-                    header = self._header()
-                    assert len(header) == self._header_len
+                if self._metadata_of is not None:
+                    self.metadata = self._metadata(self.sha256)
+                    header = self._header(self._header_len)
+                    if len(header) != self._header_len:
+                        raise ValueError(f"final metadata needs {len(header)} header bytes, {self._header_len} "
+                                         "were reserved")
                     self._file.seek(8)
                     self._write_all(header)
         except BaseException as e:
@@ -494,84 +518,33 @@ class _OrderedHash:
         self._pool.shutdown(wait=True)
 
 
-def hash_file(path: Path | str, start: int = 0, progress=None) -> str:
-    """sha256 hex of a file from byte `start` on, in large reads (OpenSSL's SHA-NI path: >1 GB/s)."""
+def hash_file(path: Path | str, start: int = 0, *, desc: str | None = None) -> str:
+    """sha256 hex of a file from byte `start` on, in large reads (OpenSSL's SHA-NI path: >1 GB/s), with a
+    progress bar on a terminal."""
     digest = hashlib.sha256()
     with open(path, "rb", buffering=0) as f:
         f.seek(start)
-        _hash_into(f, [digest], progress)
+        _hash_into(f, [digest], os.fstat(f.fileno()).st_size - start, desc or f"sha256 {Path(path).name}")
     return digest.hexdigest()
 
 
-def hash_file_and_data(path: Path | str, data_start: int, progress=None) -> tuple[str, str]:
+def hash_file_and_data(path: Path | str, data_start: int) -> tuple[str, str]:
     """(sha256 of the whole file, sha256 of its data after the header) in one read: the first identifies a
-    download, the second checks `modelspec.hash_sha256`."""
+    download, the second checks a data hash the file claims in its metadata."""
     whole, data = hashlib.sha256(), hashlib.sha256()
     with open(path, "rb", buffering=0) as f:
         whole.update(f.read(data_start))
-        _hash_into(f, [whole, data], progress)
+        _hash_into(f, [whole, data], os.fstat(f.fileno()).st_size - data_start, f"sha256 {Path(path).name}")
     return whole.hexdigest(), data.hexdigest()
 
 
-def _hash_into(f, digests: list, progress) -> None:
-    buf = bytearray(_CHUNK)
-    view = memoryview(buf)
-    while n := f.readinto(buf):
-        for digest in digests:
-            digest.update(view[:n])
-        if progress is not None:
-            progress.update(n)
-
-
-@dataclass(frozen=True)
-class LazyTensor:
-    """A tensor known by dtype and shape and produced on demand.
-
-    `stored` is set when the bytes on disk are exactly this tensor, so a sink can copy them without decoding.
-    Renames keep `stored`; any computation (`map`) drops it.
-    """
-
-    dtype: str
-    shape: tuple[int, ...]
-    load: Callable[[], torch.Tensor]
-    stored: TensorInfo | None = None
-
-    @classmethod
-    def of(cls, source: TensorSource | SafetensorsFile, key: str) -> "LazyTensor":
-        info = source[key]
-        return cls(info.dtype, info.shape, lambda: source.load(key), info)
-
-    def map(self, fn: Callable[[torch.Tensor], torch.Tensor], shape: Sequence[int] | None = None,
-            dtype: str | None = None) -> "LazyTensor":
-        """A derived tensor; give `shape`/`dtype` when `fn` changes them, so plans stay lazy."""
-        load = self.load
-        return LazyTensor(dtype or self.dtype, tuple(self.shape if shape is None else shape), lambda: fn(load()))
-
-
-def target_dtype(code: str, dtype: str | None) -> str:
-    """The dtype a tensor is written in: `dtype` for floating tensors, unchanged for integer ones."""
-    return DTYPE_NAMES.get(dtype, dtype) if dtype and code in FLOAT_CODES else code
-
-
-def write_tensors(path: Path | str, tensors: Mapping[str, LazyTensor], metadata: Mapping[str, str] | None = None,
-                  dtype: str | None = None, overwrite: bool = False, desc: str = "") -> str:
-    """Stream `tensors` into one safetensors file; floating tensors cast to `dtype` (fp16/bf16/fp32) if given.
-
-    Stored tensors whose dtype does not change are copied byte for byte. Returns the sha256 of the data section.
-    """
+def _hash_into(f, digests: list, nbytes: int, desc: str) -> None:
     from lightning_tools.progress import bar
 
-    plan = [Planned(name, target_dtype(t.dtype, dtype), t.shape) for name, t in tensors.items()]
-    with SafetensorsWriter(path, plan, metadata, overwrite=overwrite) as w, \
-            bar(sum(p.nbytes for p in plan), desc=desc or Path(path).name) as progress:
-        for p in plan:
-            t = tensors[p.name]
-            if t.stored is not None and t.stored.dtype == p.dtype:
-                w.copy(t.stored)
-            else:
-                value = t.load()
-                if tuple(value.shape) != p.shape:
-                    raise ValueError(f"{p.name}: computed shape {list(value.shape)}, planned {list(p.shape)}")
-                w.write(p.name, value.to(TORCH_DTYPE[p.dtype]))
-            progress.update(p.nbytes)
-    return w.sha256
+    buf = bytearray(_CHUNK)
+    view = memoryview(buf)
+    with bar(nbytes, desc=desc) as progress:
+        while n := f.readinto(buf):
+            for digest in digests:
+                digest.update(view[:n])
+            progress.update(n)

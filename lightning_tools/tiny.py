@@ -8,10 +8,13 @@ conditioning) at toy width, so every key map and LoRA target that works here wor
 from __future__ import annotations
 
 import json
+import tempfile
 from pathlib import Path
 
 import torch
 from safetensors.torch import save_file
+
+from lightning_tools.progress import library_bars_off
 
 # SDXL's CLIP tokenizers pad differently: CLIP-L with <|endoftext|>, OpenCLIP bigG with "!".
 _TOKENIZER_PAD = {"tokenizer": "<|endoftext|>", "tokenizer_2": "!"}
@@ -138,21 +141,25 @@ def write_tiny_pipeline(folder: Path, seed: int = 0, torch_dtype: torch.dtype = 
     folder = Path(folder)
     torch.manual_seed(seed)
     clip_l, clip_g = _text_configs()
-    for name, pad in _TOKENIZER_PAD.items():
-        write_tiny_tokenizer(folder / name, pad)
+    with tempfile.TemporaryDirectory() as vocab:
+        # The tokenizers' vocabulary is made here; the files in the pipeline folder are whatever the installed
+        # transformers saves (transformers 5: tokenizer.json + tokenizer_config.json), as users get them.
+        for name, pad in _TOKENIZER_PAD.items():
+            write_tiny_tokenizer(Path(vocab) / name, pad)
+        tokenizers = {name: CLIPTokenizer.from_pretrained(Path(vocab) / name) for name in _TOKENIZER_PAD}
     pipe = StableDiffusionXLPipeline(
         vae=AutoencoderKL(**tiny_vae_config()),
         text_encoder=CLIPTextModel(clip_l),
         text_encoder_2=CLIPTextModelWithProjection(clip_g),
-        tokenizer=CLIPTokenizer.from_pretrained(folder / "tokenizer"),
-        tokenizer_2=CLIPTokenizer.from_pretrained(folder / "tokenizer_2"),
+        **tokenizers,
         unet=UNet2DConditionModel(**tiny_unet_config()),
         scheduler=EulerDiscreteScheduler.from_config(SCHEDULER_CONFIG),
     )
     _randomize(pipe.unet)
     _randomize(pipe.vae)
     pipe.to(torch_dtype)
-    pipe.save_pretrained(folder, safe_serialization=True)
+    with library_bars_off():
+        pipe.save_pretrained(folder, safe_serialization=True)
     return folder
 
 

@@ -10,26 +10,22 @@ A diffusers folder is verified component by component.
 from __future__ import annotations
 
 import json
-import re
-from collections.abc import Iterable, Mapping, Sequence
-from dataclasses import asdict, dataclass, field
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field
 from pathlib import Path
 
-import torch
-
-from lightning_tools import catalog, hub, lora
-from lightning_tools import metadata as meta
+from lightning_tools import catalog, hub, lora, support
+from lightning_tools import provenance as prov
 from lightning_tools.errors import UserError
-from lightning_tools.progress import bar
+from lightning_tools.report import Report
 from lightning_tools.sdxl import detect
-from lightning_tools.tensors import HASH_KEY, SafetensorsFile, TensorSource, hash_file, hash_file_and_data, weight_files
-
-_HEX64 = re.compile(r"[0-9a-f]{64}")
-_SCAN_CHUNK = 1 << 24  # elements per NaN/Inf test: bounds the temporary mask and any float8 upcast
+from lightning_tools.sdxl.vocabulary import COMPONENT_NAMES
+from lightning_tools.stream import lazy_tensors, scan
+from lightning_tools.tensors import SafetensorsFile, TensorSource, hash_file, hash_file_and_data, open_file, weight_files
 
 
 @dataclass
-class FileReport:
+class FileReport(Report):
     """The verdict on one file, or on one component of a diffusers folder (which may span shards)."""
 
     path: str
@@ -46,16 +42,40 @@ class FileReport:
     def ok(self) -> bool:
         return not self.problems
 
-    def as_dict(self) -> dict:
-        return asdict(self) | {"ok": self.ok}
+    def to_json(self) -> dict:
+        return super().to_json() | {"ok": self.ok}
+
+    def describe(self) -> str:
+        """A few lines for people: verdict, path, what was checked or what is wrong."""
+        name = self.path + (f"  ({self.component})" if self.component else "")
+        if not self.ok:
+            return "\n".join([f"FAIL  {name}"] + [f"      - {p}" for p in self.problems])
+        said = [f"sha256 matches {i['reference']}" for i in self.identity] + self.notes
+        return f"OK    {name}  [{', '.join(self.checks)}]" + "".join(f"\n      {s}" for s in said)
 
 
-def verify_paths(paths: Iterable[Path | str], deep: bool = False,
-                 config_dir: Path | str | None = None) -> list[FileReport]:
-    """One report per file or diffusers component under `paths`; bad input becomes a failed report.
+@dataclass
+class VerifyReport(Report):
+    """Every file or diffusers component checked; `ok` only if all passed."""
 
-    Single files are checked against the SDXL-base shapes, or against `config_dir`'s configs when given.
-    """
+    files: list[FileReport]
+
+    @property
+    def ok(self) -> bool:
+        return all(f.ok for f in self.files)
+
+    def to_json(self) -> dict:
+        return {"ok": self.ok, "files": [f.to_json() for f in self.files]}
+
+    def describe(self) -> str:
+        return "\n".join(f.describe() for f in self.files)
+
+
+def verify_paths(paths: Iterable[Path | str], *, deep: bool = False,
+                 config_dir: Path | str | None = None) -> VerifyReport:
+    """One report per file or diffusers component under `paths`; bad input becomes a failed report and the
+    others are still checked. Single files are checked against the SDXL-base shapes, or against `config_dir`'s
+    configs when given."""
     configs = load_configs(config_dir)
     reports: list[FileReport] = []
     for path in map(Path, paths):
@@ -65,7 +85,7 @@ def verify_paths(paths: Iterable[Path | str], deep: bool = False,
             reports.append(FileReport(str(path), problems=[_reason(e, path)]))
             continue
         reports += [_verify_unit(unit, component, deep, configs) for component, unit in units]
-    return reports
+    return VerifyReport(reports)
 
 
 def _units(path: Path) -> list[tuple[str | None, Path]]:
@@ -86,7 +106,7 @@ def _units(path: Path) -> list[tuple[str | None, Path]]:
         components = [n for n in names if (path / n / "config.json").is_file()]
         return [(n, path / n) for n in components]
     if (path / "config.json").is_file():  # one component folder: its name says which, if it is a standard one
-        return [(path.name if path.name in detect.COMPONENTS else None, path)]
+        return [(path.name if path.name in COMPONENT_NAMES else None, path)]
     files = sorted(path.glob("*.safetensors"))
     if not files:
         raise UserError(f"{path}: a folder with no .safetensors files; give a .safetensors file or a diffusers folder")
@@ -102,32 +122,33 @@ def _verify_unit(path: Path, component: str | None, deep: bool, configs: Mapping
         report.problems.append(_reason(e, path))
         return report
     report.files = [str(f) for f in files]
-    opened: list[SafetensorsFile] = []
+    opened = []
     for f in files:
         try:
-            opened.append(SafetensorsFile(f))
+            opened.append(open_file(f))
         except UserError as e:
             report.problems.append(_reason(e, path))
     if report.problems:
         return report
     report.size = sum(f.path.stat().st_size for f in opened)
+    source = TensorSource(opened)
     try:
         for f in opened:
-            _check_identity(f, report)
+            if isinstance(f, SafetensorsFile):
+                _check_identity(f, report)
         if report.problems:
             return report
-        _check_architecture(path, component, TensorSource(opened), report, configs)
+        _check_architecture(path, component, source, report, configs)
         if deep:
-            _scan_finite(opened, report)
+            _scan_finite(source, report)
     except UserError as e:  # e.g. an unreadable config.json or manifest: this unit fails, the others go on
         report.problems.append(_reason(e, path))
     return report
 
 
-def _reason(e: Exception, path: Path) -> str:
-    """The error's message without a leading "<path>: " (the report already names the path)."""
-    text = str(e)
-    return text[len(f"{path}: "):] if text.startswith(f"{path}: ") else text
+def _reason(e: UserError, path: Path) -> str:
+    """The error's message, without the path when it is the one the report already names."""
+    return e.message if e.path is not None and Path(e.path) == path else str(e)
 
 
 def _check_identity(f: SafetensorsFile, report: FileReport) -> None:
@@ -137,7 +158,7 @@ def _check_identity(f: SafetensorsFile, report: FileReport) -> None:
     whole: list[tuple[str, str]] = []  # (what the reference is, sha256 of the whole file)
     # A file we wrote (say the all-in-one built from the UNet release) may carry an official name; its own
     # metadata says what it is, so its name is not a claim to be the official download.
-    entry = catalog.by_filename(f.path.name) if meta.TOOL not in f.metadata else None
+    entry = catalog.by_filename(f.path.name) if prov.TOOL not in f.metadata else None
     if entry is not None:
         what = f"catalogue: {catalog.REPO_ID}/{entry.filename}"
         if entry.size_confirmed and size != entry.size:
@@ -149,22 +170,21 @@ def _check_identity(f: SafetensorsFile, report: FileReport) -> None:
         if recorded.get("size") is not None and size != recorded["size"]:
             report.problems.append(f"{name}{size} bytes but {what} recorded {recorded['size']}")
         whole.append((what, recorded["sha256"]))
-    spec = f.metadata.get(HASH_KEY, "").lower().removeprefix("0x")
+    spec = prov.data_hash(f.metadata)
     if report.problems:
         return  # a size mismatch already proves the bytes differ: no need to hash
     if whole:
-        digest = _hash(f.path, 0, size)
+        digest = hash_file(f.path)
         report.sha256 = digest if len(report.files) == 1 else None
         references = whole
         official = catalog.by_sha256(digest)
         if official is not None and entry is None:
             report.identity.append({"reference": f"catalogue: {catalog.REPO_ID}/{official.filename}",
                                     "sha256": digest})
-    elif _HEX64.fullmatch(spec):
-        with bar(size, desc=f"sha256 {f.path.name}") as progress:
-            whole_file, digest = hash_file_and_data(f.path, f.data_start, progress)
+    elif spec is not None:
+        whole_file, digest = hash_file_and_data(f.path, f.data_start)
         report.sha256 = whole_file if len(report.files) == 1 else None  # publish reuses it: no second read
-        references = [(f"{HASH_KEY} in the header", spec)]
+        references = [(f"{prov.HASH_KEY} in the header", spec)]
     else:
         report.notes.append(f"{name}no reference hash (not in the catalogue, no fetch manifest, no modelspec hash)")
         return
@@ -175,11 +195,6 @@ def _check_identity(f: SafetensorsFile, report: FileReport) -> None:
         else:
             report.problems.append(f"{name}sha256 {digest} differs from {what} ({expected}): the data is damaged "
                                    "or not that file; fetch it again")
-
-
-def _hash(path: Path, start: int, nbytes: int) -> str:
-    with bar(nbytes, desc=f"sha256 {path.name}") as progress:
-        return hash_file(path, start, progress)
 
 
 def _check_architecture(path: Path, component: str | None, source: TensorSource, report: FileReport,
@@ -200,7 +215,7 @@ def _check_architecture(path: Path, component: str | None, source: TensorSource,
         return
     own = path / "config.json"
     if own.is_file():
-        configs = dict(configs) | {component or "unet": _read_config(own)}
+        configs = dict(configs) | {component or "unet": support.read_config(own)}
     if component is None:
         found = detect.detect(path)
         if found.architecture != "sdxl-base":
@@ -210,14 +225,18 @@ def _check_architecture(path: Path, component: str | None, source: TensorSource,
                 + (f", yet {claim} says SDXL" if claim else ""))
             return
     report.checks.append("architecture")
-    report.problems += detect.check_architecture(source, component, configs)
+    problems = detect.check_architecture(lazy_tensors(source), component, configs)
+    if problems and not configs and component is None and "wrong shape" in " ".join(problems):
+        problems.append("if this is an SDXL-architecture model of another width, pass --config DIR with its "
+                        "diffusers configs")
+    report.problems += problems
 
 
 def _claims_sdxl(path: Path, source: TensorSource) -> str | None:
     """What says this file is SDXL: its catalogue name or its ModelSpec architecture."""
     if catalog.by_filename(path.name) is not None:
         return "its catalogue file name"
-    if source.metadata.get(meta.ARCHITECTURE, "").startswith(meta.ARCH_BASE):
+    if source.metadata.get(prov.ARCHITECTURE, "").startswith(prov.ARCH_BASE):
         return "its modelspec.architecture"
     return None
 
@@ -226,18 +245,9 @@ def load_configs(config_dir: Path | str | None) -> dict[str, dict]:
     """The component configs of a diffusers pipeline folder (for checking single files of a non-standard size)."""
     if config_dir is None:
         return {}
-    config_dir = Path(config_dir)
-    found = {c: config_dir / c / "config.json" for c in detect.COMPONENTS}
-    if not any(p.is_file() for p in found.values()):
-        raise UserError(f"{config_dir}: no <component>/config.json here; --config takes a diffusers pipeline folder")
-    return {c: _read_config(p) for c, p in found.items() if p.is_file()}
-
-
-def _read_config(path: Path) -> dict:
-    try:
-        return json.loads(path.read_text())
-    except (OSError, json.JSONDecodeError, UnicodeDecodeError):
-        raise UserError(f"{path}: not a readable JSON config") from None
+    config_dir = support.check_config_dir(Path(config_dir))
+    found = {c: config_dir / c / "config.json" for c in COMPONENT_NAMES}
+    return {c: support.read_config(p) for c, p in found.items() if p.is_file()}
 
 
 def lora_modules_not_in_sdxl(lora_file: lora.LoraFile) -> list[str]:
@@ -246,40 +256,11 @@ def lora_modules_not_in_sdxl(lora_file: lora.LoraFile) -> list[str]:
     return lora_file.unresolved + [m.name for m in lora_file.modules if m.module not in names.get(m.component, ())]
 
 
-def _scan_finite(files: Sequence[SafetensorsFile], report: FileReport) -> None:
+def _scan_finite(source: TensorSource, report: FileReport) -> None:
     """Count NaN/Inf values tensor by tensor: memory stays at one tensor however large the model."""
     report.checks.append("finite")
-    bad: list[str] = []
-    total = sum(info.nbytes for f in files for info in f.values() if info.is_float)
-    with bar(total, desc="NaN/Inf scan") as progress:
-        for f in files:
-            for key, info in f.items():
-                if not info.is_float:
-                    continue
-                count = count_nonfinite(f.load(key))
-                if count:
-                    bad.append(f"{key} ({count} of {info.numel})")
-                progress.update(info.nbytes)
+    bad = scan(lazy_tensors(source))
     if bad:
-        more = f" and {len(bad) - 5} more tensors" if len(bad) > 5 else ""
-        report.problems.append(f"NaN/Inf values in {', '.join(bad[:5])}{more}")
-
-
-def count_nonfinite(t: torch.Tensor) -> int:
-    """Number of NaN/Inf entries; float8 is upcast chunk by chunk (torch has no isfinite for it)."""
-    flat = t.reshape(-1)
-    count = 0
-    for chunk in flat.split(_SCAN_CHUNK):
-        if chunk.element_size() == 1:
-            chunk = chunk.to(torch.float16)
-        count += int((~torch.isfinite(chunk)).sum())
-    return count
-
-
-def describe(report: FileReport) -> str:
-    """A few lines for people: verdict, path, what was checked or what is wrong."""
-    name = report.path + (f"  ({report.component})" if report.component else "")
-    if not report.ok:
-        return "\n".join([f"FAIL  {name}"] + [f"      - {p}" for p in report.problems])
-    said = [f"sha256 matches {i['reference']}" for i in report.identity] + report.notes
-    return f"OK    {name}  [{', '.join(report.checks)}]" + "".join(f"\n      {s}" for s in said)
+        listed = [f"{key} ({count} of {numel})" for key, (count, numel) in bad.items()]
+        more = f" and {len(listed) - 5} more tensors" if len(listed) > 5 else ""
+        report.problems.append(f"NaN/Inf values in {', '.join(listed[:5])}{more}")

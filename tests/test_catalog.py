@@ -9,7 +9,8 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from lightning_tools import catalog, metadata
+from lightning_tools import catalog, provenance
+from lightning_tools.tensors import SafetensorsFile
 from lightning_tools.errors import UserError
 
 
@@ -75,34 +76,34 @@ def test_settings_from_name(name, steps, prediction):
     assert (settings and (settings.steps, settings.prediction_type)) == (steps and (steps, prediction))
 
 
-def _safetensors(path, meta=None):
+def _settings_for(path, meta=None):
+    """What `provenance.settings_for` says of a real file written with `meta`."""
     save_file({"x": torch.zeros(2)}, str(path), metadata=meta)
-    return path
+    return provenance.settings_for(path, SafetensorsFile(path).metadata)
 
 
 def test_settings_for_prefers_metadata_then_catalogue_then_name(tmp_path):
-    tagged = _safetensors(tmp_path / "merged_8step.safetensors", {metadata.STEPS: "2"})
-    settings, how = catalog.settings_for(tagged)
+    settings, how = _settings_for(tmp_path / "merged_8step.safetensors", {provenance.STEPS: "2"})
     assert (settings.steps, how) == (2, "metadata")
 
     x0 = catalog.find(1, "unet")
-    settings, how = catalog.settings_for(tmp_path / "renamed.safetensors", metadata={}, sha256=x0.sha256)
+    settings, how = provenance.settings_for(tmp_path / "renamed.safetensors", {}, sha256=x0.sha256)
     assert (settings.steps, settings.prediction_type) == (1, "sample") and how.startswith("catalog (sha256")
 
-    settings, how = catalog.settings_for(_safetensors(tmp_path / "sdxl_lightning_4step_lora.safetensors"))
+    settings, how = _settings_for(tmp_path / "sdxl_lightning_4step_lora.safetensors")
     assert settings.steps == 4 and how.startswith("catalog (file name")
 
-    settings, how = catalog.settings_for(_safetensors(tmp_path / "mine_2step_x0.safetensors"))
+    settings, how = _settings_for(tmp_path / "mine_2step_x0.safetensors")
     assert (settings.steps, settings.prediction_type, how) == (2, "sample", "file name")
 
-    assert catalog.settings_for(_safetensors(tmp_path / "base.safetensors")) is None
+    assert _settings_for(tmp_path / "base.safetensors") is None
 
 
 def test_settings_round_trip_through_file_metadata(tmp_path):
     """What provenance() writes, settings_for() reads back, including values the writer chose."""
     chosen = catalog.Settings(steps=4, comfy_cfg=1.5)
-    meta = metadata.provenance("merge", [], steps=4, settings=chosen.as_dict())
-    settings, how = catalog.settings_for(_safetensors(tmp_path / "x.safetensors", meta))
+    meta = provenance.provenance("merge", [], steps=4, settings=chosen.as_dict())
+    settings, how = _settings_for(tmp_path / "x.safetensors", meta)
     assert settings == chosen and how == "metadata"
 
 

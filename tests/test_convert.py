@@ -10,11 +10,12 @@ import torch
 from diffusers import StableDiffusionXLPipeline
 from safetensors.torch import load_file, save_file
 
-from lightning_tools import metadata as meta
+from lightning_tools import provenance as meta
 from lightning_tools.checkpoint import open_checkpoint, write_checkpoint
 from lightning_tools.errors import UserError
 from lightning_tools.sdxl import keys as K
-from lightning_tools.tensors import HASH_KEY, SafetensorsFile, hash_file, read_header
+from lightning_tools.provenance import HASH_KEY
+from lightning_tools.tensors import SafetensorsFile, hash_file, read_header
 
 COMPONENTS = ("unet", "vae", "text_encoder", "text_encoder_2")
 
@@ -63,7 +64,7 @@ def test_diffusers_to_comfyui_loads_bit_for_bit_in_diffusers(cli, tiny_pipeline,
     assert metadata[HASH_KEY] == "0x" + hash_file(out, data_start)
     assert metadata["modelspec.architecture"] == "stable-diffusion-xl-v1-base"
     assert meta.read_sources(metadata) == [{"role": "source", "file": tiny_pipeline.name}]
-    assert tensors[K.CLIP_L_PREFIX + K.POSITION_IDS].dtype == "I64"
+    assert tensors[K.PREFIXES["text_encoder"] + K.POSITION_IDS].dtype == "I64"
 
 
 def test_comfyui_to_diffusers_loads_bit_for_bit(cli, comfy_file, tiny_pipeline, original, tmp_path):
@@ -110,9 +111,9 @@ def test_dtype_casts_floats_and_keeps_integers(cli, comfy_file, tmp_path):
     out = tmp_path / "half.safetensors"
     cli("convert", comfy_file, "--to", "comfyui", "--out", out, "--dtype", "bf16", ok=True)
     tensors = read_header(out)[0]
-    assert tensors[K.CLIP_L_PREFIX + K.POSITION_IDS].dtype == "I64"
+    assert tensors[K.PREFIXES["text_encoder"] + K.POSITION_IDS].dtype == "I64"
     assert {t.dtype for k, t in tensors.items() if not k.endswith("position_ids")} == {"BF16"}
-    ids = SafetensorsFile(out).load(K.CLIP_L_PREFIX + K.POSITION_IDS)
+    ids = SafetensorsFile(out).load(K.PREFIXES["text_encoder"] + K.POSITION_IDS)
     assert torch.equal(ids, torch.arange(77).unsqueeze(0))
 
 
@@ -178,12 +179,16 @@ def test_missing_tokenizers_are_a_clear_error_when_the_hub_cannot_help(comfy_fil
     assert not (tmp_path / "p").exists()
 
 
-def test_tokenizers_are_downloaded_from_the_sdxl_base_repo_once(hub_server, comfy_file, configs_only,
-                                                                tiny_pipeline, tmp_path):
-    from lightning_tools.catalog import SDXL_BASE_REPO
+def test_tokenizers_are_downloaded_from_the_sdxl_base_repo_once(hub_server, comfy_file, configs_only, tmp_path):
+    """The SDXL base repo on the hub keeps the slow tokenizer layout transformers 4 wrote (vocab.json,
+    merges.txt, special_tokens_map.json, tokenizer_config.json): every file of it is copied."""
+    from lightning_tools.sdxl import SDXL_BASE_REPO
+    from lightning_tools.tiny import write_tiny_tokenizer
 
-    for folder in ("tokenizer", "tokenizer_2"):
-        for f in (tiny_pipeline / folder).iterdir():
+    served = tmp_path / "served"
+    for folder, pad in (("tokenizer", "<|endoftext|>"), ("tokenizer_2", "!")):
+        write_tiny_tokenizer(served / folder, pad)
+        for f in (served / folder).iterdir():
             hub_server.add_file(SDXL_BASE_REPO, f"{folder}/{f.name}", f.read_bytes())
     ckpt = open_checkpoint(comfy_file, config_dir=configs_only)
 
@@ -192,9 +197,10 @@ def test_tokenizers_are_downloaded_from_the_sdxl_base_repo_once(hub_server, comf
     write_checkpoint(ckpt, tmp_path / "b", "diffusers", config_dir=configs_only)
 
     for out in (tmp_path / "a", tmp_path / "b"):
-        assert (out / "tokenizer_2" / "vocab.json").is_file() and (out / "tokenizer" / "merges.txt").is_file()
-        for f in (*(out / "tokenizer").iterdir(), *(out / "tokenizer_2").iterdir()):
-            assert f.read_bytes() == (tiny_pipeline / f.parent.name / f.name).read_bytes()
+        for folder in ("tokenizer", "tokenizer_2"):
+            assert sorted(p.name for p in (out / folder).iterdir()) == sorted(p.name for p in (served / folder).iterdir())
+            for f in (out / folder).iterdir():
+                assert f.read_bytes() == (served / folder / f.name).read_bytes()
     assert len(hub_server.requests) == asked  # the second conversion found them in the cache
 
 
@@ -256,11 +262,11 @@ def test_a_lightning_model_converted_to_diffusers_keeps_its_history_and_sampler(
 
 def test_unreadable_lightning_settings_in_the_input_do_not_break_a_conversion(cli, comfy_file, tiny_pipeline,
                                                                               tmp_path):
-    from lightning_tools.tensors import LazyTensor, write_tensors
+    from lightning_tools.stream import LazyTensor, write_file
 
     source = SafetensorsFile(comfy_file)
     odd = tmp_path / "odd.safetensors"
-    write_tensors(odd, {k: LazyTensor.of(source, k) for k in source}, {meta.SETTINGS: "{not json"})
+    write_file(odd, {k: LazyTensor.of(source, k) for k in source}, metadata={meta.SETTINGS: "{not json"})
     out = tmp_path / "out"
 
     cli("convert", odd, "--to", "diffusers", "--config", tiny_pipeline, "--out", out, ok=True)

@@ -11,7 +11,8 @@ from safetensors.torch import save_file
 from lightning_tools.errors import UserError
 from lightning_tools.sdxl import keys as K
 from lightning_tools.sdxl.detect import check_architecture, detect
-from lightning_tools.tensors import LazyTensor, TensorSource
+from lightning_tools.stream import LazyTensor, lazy_tensors
+from lightning_tools.tensors import TensorSource
 
 COMPONENTS = ("unet", "vae", "text_encoder", "text_encoder_2")
 
@@ -86,13 +87,16 @@ def test_unknown_files_and_folders(tmp_path):
         detect(tmp_path)
 
 
+def _lazy(path):
+    return lazy_tensors(TensorSource.open(path))
+
+
 def test_check_architecture_against_own_and_sdxl_configs(tiny_pipeline, tiny_files):
     folder, configs = tiny_files
-    source = TensorSource.open(folder / "all.safetensors")
-    assert check_architecture(source, configs=configs) == []
-    assert check_architecture(TensorSource.open(folder / "comfy-unet.safetensors"), configs=configs) == []
-    assert check_architecture(TensorSource.open(folder / "unet.safetensors"), configs=configs) == []
-    unet = TensorSource.open(tiny_pipeline / "unet")
+    assert check_architecture(_lazy(folder / "all.safetensors"), configs=configs) == []
+    assert check_architecture(_lazy(folder / "comfy-unet.safetensors"), configs=configs) == []
+    assert check_architecture(_lazy(folder / "unet.safetensors"), configs=configs) == []
+    unet = _lazy(tiny_pipeline / "unet")
     assert check_architecture(unet, "unet", configs) == []
     problems = check_architecture(unet, "unet")  # the tiny widths are not SDXL's
     assert problems and "conv_in.weight is [8, 4, 3, 3], SDXL base has [320, 4, 3, 3]" in problems[0]
@@ -103,8 +107,8 @@ def test_check_architecture_lists_missing_and_extra_keys(tiny_files, tmp_path):
     source = TensorSource.open(folder / "all.safetensors")
     shapes = {k: tuple(v.shape) for k, v in source.items()}
     del shapes[K.UNET_PREFIX + "out.2.weight"]
-    shapes[K.VAE_PREFIX + "encoder.extra.weight"] = (3,)
-    problems = check_architecture(TensorSource.open(_save(tmp_path / "m.safetensors", shapes)), configs=configs)
+    shapes[K.PREFIXES["vae"] + "encoder.extra.weight"] = (3,)
+    problems = check_architecture(_lazy(_save(tmp_path / "m.safetensors", shapes)), configs=configs)
     assert any("unet: 1 key missing (conv_out.weight)" in p for p in problems)
     assert any("first_stage_model.encoder.extra.weight" in p for p in problems)
 

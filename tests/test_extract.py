@@ -11,13 +11,14 @@ import pytest
 import torch
 from click.testing import CliRunner
 
-from lightning_tools import metadata as meta
+from lightning_tools import provenance as meta
 from lightning_tools.cli import main
 from lightning_tools.errors import UserError
 from lightning_tools.extract import (ModuleReport, clamp_at_quantile, extract_lora, factorize,
                                      lightning_targets, overall)
 from lightning_tools.lora import read_lora
-from lightning_tools.tensors import LazyTensor, SafetensorsFile, TensorSource, hash_file, read_header, write_tensors
+from lightning_tools.stream import LazyTensor, write_file
+from lightning_tools.tensors import SafetensorsFile, TensorSource, hash_file, read_header
 from lightning_tools.tiny import make_lightning_lora, tiny_unet_config
 
 TRUE_RANK = 3
@@ -53,7 +54,7 @@ def tuned_unet(tiny_pipeline, tmp_path_factory):
             t = t.map(lambda b: b + 0.01)
         tensors[key] = t
     path = tmp_path_factory.mktemp("tuned") / "tiny_lightning_4step_unet.safetensors"
-    write_tensors(path, tensors)
+    write_file(path, tensors)
     return path
 
 
@@ -173,7 +174,7 @@ def test_different_architectures_are_one_line_errors(tiny_pipeline, tuned_unet, 
 
     wider = UNet2DConditionModel(**(tiny_unet_config() | {"block_out_channels": [16, 32, 64]}))
     wide_path = tmp_path / "wider_unet.safetensors"
-    write_tensors(wide_path, {k: LazyTensor("F32", tuple(v.shape), lambda v=v: v.detach())
+    write_file(wide_path, {k: LazyTensor("F32", tuple(v.shape), lambda v=v: v.detach())
                               for k, v in wider.state_dict().items()})
     result = cli("extract", "--base", tiny_pipeline, "--tuned", wide_path, "--rank", 2,
                  "--out", tmp_path / "x.safetensors", ok=False)
@@ -182,7 +183,7 @@ def test_different_architectures_are_one_line_errors(tiny_pipeline, tuned_unet, 
 
     source = TensorSource.open(tuned_unet)
     partial = tmp_path / "partial_unet.safetensors"
-    write_tensors(partial, {k: LazyTensor.of(source, k) for k in source if k != "mid_block.resnets.0.conv1.weight"})
+    write_file(partial, {k: LazyTensor.of(source, k) for k in source if k != "mid_block.resnets.0.conv1.weight"})
     result = cli("extract", "--base", tiny_pipeline, "--tuned", partial, "--rank", 2,
                  "--out", tmp_path / "x.safetensors", ok=False)
     assert "lacks weight mid_block.resnets.0.conv1.weight" in result.stderr

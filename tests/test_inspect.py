@@ -7,9 +7,9 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from lightning_tools import catalog, lora
-from lightning_tools import metadata as meta
+from lightning_tools import provenance as meta
 from lightning_tools.checkpoint import open_checkpoint, write_checkpoint
-from lightning_tools.inspect import describe, inspect_path
+from lightning_tools.inspect import inspect_path
 from lightning_tools.sdxl.keys import unet_module_map
 from lightning_tools.tiny import tiny_unet_config
 
@@ -40,19 +40,19 @@ def files(tiny_pipeline, tiny_lora, tmp_path_factory):
 @pytest.mark.parametrize("name", ["diffusers", "single-file", "unet-diffusers", "unet-diffusers folder",
                                   "unet-single-file", "kohya-diffusers", "kohya-single-file", "peft"])
 def test_each_format_is_identified(files, name):
-    info = inspect_path(files[name])
+    info = inspect_path(files[name]).to_json()
     assert info["format"] == name.split()[0]
     assert info["architecture"] == "sdxl-base" and info["supported"]
     expected = {"diffusers": ["unet", "vae", "text_encoder", "text_encoder_2"],
                 "single-file": ["unet", "vae", "text_encoder", "text_encoder_2"]}.get(name, ["unet"])
     assert info["components"] == expected
     assert info["parameters"] > 0 and info["tensors"] > 0
-    text = describe(info)
+    text = inspect_path(files[name]).describe()
     assert info["format_description"] in text and "SDXL" in text
 
 
 def test_components_add_up_and_match_the_weights(files, tiny_pipeline):
-    info = inspect_path(files["diffusers"])
+    info = inspect_path(files["diffusers"]).to_json()
     unet = load_file(str(tiny_pipeline / "unet" / "diffusion_pytorch_model.safetensors"))
     assert info["per_component"]["unet"]["parameters"] == sum(t.numel() for t in unet.values())
     assert info["parameters"] == sum(p["parameters"] for p in info["per_component"].values())
@@ -61,7 +61,7 @@ def test_components_add_up_and_match_the_weights(files, tiny_pipeline):
 
 def test_lora_modules_ranks_and_alphas(files):
     for name in ("kohya-diffusers", "kohya-single-file", "peft"):
-        summary = inspect_path(files[name])["lora"]
+        summary = inspect_path(files[name]).to_json()["lora"]
         assert summary["modules"] == 788 and summary["modules_per_component"] == {"unet": 788}
         assert summary["ranks"] == [4] and summary["alphas"] == [4.0] and summary["text_encoders"] == []
 
@@ -73,10 +73,10 @@ def test_lora_text_encoder_coverage_and_mixed_ranks(tmp_path):
                "lora_te1_text_model_encoder_layers_0_self_attn_q_proj.alpha": torch.tensor(4.0),
                "lora_unet_down_blocks_1_attentions_0_proj_in.lora_down.weight": torch.zeros(16, 640),
                "lora_unet_down_blocks_1_attentions_0_proj_in.lora_up.weight": torch.zeros(640, 16)}, str(path))
-    info = inspect_path(path)
+    info = inspect_path(path).to_json()
     assert info["lora"]["text_encoders"] == ["text_encoder"] and info["lora"]["ranks"] == [8, 16]
     assert info["lora"]["alphas"] == [4.0] and info["lora"]["alpha_missing"] == 1
-    assert "text encoders: text_encoder" in describe(info)
+    assert "text encoders: text_encoder" in inspect_path(path).describe()
 
 
 def test_sd15_file_is_named_and_not_supported(tmp_path):
@@ -89,16 +89,16 @@ def test_sd15_file_is_named_and_not_supported(tmp_path):
                unet + "input_blocks.6.0.op.bias": torch.zeros(640),
                unet + "input_blocks.9.0.op.bias": torch.zeros(1280),
                "cond_stage_model.transformer.text_model.final_layer_norm.weight": torch.zeros(768)}, str(path))
-    info = inspect_path(path)
+    info = inspect_path(path).to_json()
     assert info["architecture"] == "sd1" and not info["supported"]
-    text = describe(info)
+    text = inspect_path(path).describe()
     assert "Stable Diffusion 1.x" in text and "not supported" in text
 
 
 def test_catalogue_name_gives_identity_hint_and_settings(files, tmp_path, cli):
     path = tmp_path / "sdxl_lightning_1step_unet_x0.safetensors"
     shutil.copy(files["unet-diffusers"], path)
-    info = inspect_path(path)
+    info = inspect_path(path).to_json()
     assert info["identity"]["file"] == path.name and info["identity"]["matched_by"].startswith("name only")
     assert info["settings"]["steps"] == 1 and info["settings"]["prediction_type"] == "sample"
     hashed = json.loads(cli("inspect", path, "--hash", "--json", ok=True).stdout)
@@ -147,7 +147,7 @@ def _folder(tmp_path, files):
 @pytest.mark.parametrize("make, reason", [
     (lambda tmp, files: tmp / "missing.safetensors", "no such file"),
     (_folder, "neither a diffusers pipeline"),
-    (_not_safetensors, "header claims"),
+    (_not_safetensors, "is a PNG image, not a weights file"),
     (_truncated, "truncated"),
     (_header_larger_than_file, "header claims 1048576 bytes"),
 ])

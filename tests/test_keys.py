@@ -12,7 +12,8 @@ from transformers import CLIPTextConfig, CLIPTextModelWithProjection
 
 from lightning_tools.sdxl import keys as K
 from lightning_tools.sdxl.detect import base_config, expected_shapes
-from lightning_tools.tensors import LazyTensor, TensorSource
+from lightning_tools.stream import LazyTensor
+from lightning_tools.tensors import TensorSource
 
 COMPONENTS = ("unet", "vae", "text_encoder", "text_encoder_2")
 
@@ -33,7 +34,7 @@ def _diffusers_reading(single: dict[str, torch.Tensor], configs: dict) -> dict[s
     return {"unet": sfu.convert_ldm_unet_checkpoint(single, configs["unet"]),
             "vae": sfu.convert_ldm_vae_checkpoint(single, configs["vae"]),
             "text_encoder": sfu.convert_ldm_clip_checkpoint(single),
-            "text_encoder_2": sfu.convert_open_clip_checkpoint(clip_g, single, prefix=K.CLIP_G_PREFIX)}
+            "text_encoder_2": sfu.convert_open_clip_checkpoint(clip_g, single, prefix=K.PREFIXES["text_encoder_2"])}
 
 
 def test_tiny_single_file_reads_back_exactly_with_diffusers_converters(tiny_pipeline):
@@ -108,7 +109,7 @@ def test_full_size_sdxl_names_and_shapes_match_diffusers():
                        "conditioner.embedders.1.model.logit_scale": ()}.items():
         assert tuple(single[key].shape) == shape, key
     counts = {p: sum(k.startswith(p) for k in single) for p in K.PREFIXES.values()}
-    assert counts == {K.UNET_PREFIX: 1680, K.VAE_PREFIX: 248, K.CLIP_L_PREFIX: 197, K.CLIP_G_PREFIX: 390}
+    assert counts == {K.UNET_PREFIX: 1680, K.PREFIXES["vae"]: 248, K.PREFIXES["text_encoder"]: 197, K.PREFIXES["text_encoder_2"]: 390}
     read = _diffusers_reading(single, configs)
     read["text_encoder"].pop(K.POSITION_IDS)
     for c in COMPONENTS:

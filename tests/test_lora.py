@@ -10,10 +10,12 @@ import torch.nn.functional as F
 from safetensors import safe_open
 
 from lightning_tools.errors import UserError
-from lightning_tools.lora import (LoraModule, add_lora, convert_lora_file, detect_lora_format, lora_delta,
+from lightning_tools.convert import convert_lora
+from lightning_tools.lora import (LoraModule, add_lora, detect_lora_format, lora_delta,
                                   modules_of_keys, read_lora, write_lora)
-from lightning_tools.metadata import SOURCES
-from lightning_tools.tensors import LazyTensor, TensorSource
+from lightning_tools.provenance import SOURCES
+from lightning_tools.stream import LazyTensor
+from lightning_tools.tensors import TensorSource
 from lora_fixtures import (kohya_te_lora, kohya_unet_lora, peft_via_diffusers, to_single_file_names, unet_config,
                            write)
 
@@ -128,15 +130,16 @@ def test_kohya_peft_kohya_round_trip_is_exact(tiny_pipeline, tiny_lora, tmp_path
     src = write(original, tmp_path / "sdxl_lightning_4step_lora.safetensors")
     peft = tmp_path / "peft.safetensors"
     back = tmp_path / "back.safetensors"
-    report = convert_lora_file(src, "peft", peft)
-    assert report["from"] == "kohya-diffusers" and report["modules"] == len(original) // 3
-    convert_lora_file(peft, "kohya", back)
+    report = convert_lora(src, "peft", peft)
+    assert report.source_format == "kohya-diffusers" and report.modules == len(original) // 3
+    convert_lora(peft, "kohya", back)
     again = _tensors(back)
     assert again.keys() == original.keys()
     for key, value in original.items():
         assert again[key].dtype == value.dtype and torch.equal(again[key], value), key
     with safe_open(str(back), "pt") as f:
-        assert json.loads(f.metadata()[SOURCES])[0]["file"] == "peft.safetensors"
+        sources = json.loads(f.metadata()[SOURCES])  # the whole chain: the original, then the peft copy
+        assert [s["file"] for s in sources] == ["sdxl_lightning_4step_lora.safetensors", "peft.safetensors"]
 
 
 def test_peft_file_we_write_loads_in_diffusers_like_the_original(tiny_pipeline, kohya_file, tmp_path):
@@ -146,7 +149,7 @@ def test_peft_file_we_write_loads_in_diffusers_like_the_original(tiny_pipeline, 
     from peft.tuners.lora import LoraLayer
 
     ours = tmp_path / "ours_peft.safetensors"
-    convert_lora_file(kohya_file, "peft", ours)
+    convert_lora(kohya_file, "peft", ours)
     pipe = StableDiffusionXLPipeline.from_pretrained(tiny_pipeline, local_files_only=True)
     pipe.load_lora_weights(str(kohya_file), adapter_name="kohya")
     pipe.load_lora_weights(str(ours), adapter_name="ours")

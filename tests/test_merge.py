@@ -9,7 +9,7 @@ import pytest
 import torch
 from safetensors import safe_open
 
-from lightning_tools import metadata as meta
+from lightning_tools import provenance as meta
 from lightning_tools.checkpoint import open_checkpoint, write_checkpoint
 from lightning_tools.lora import read_lora
 from lightning_tools.merge import apply_plan, merge, plan_merge
@@ -123,7 +123,7 @@ def test_official_lora_into_diffusers_folder_matches_diffusers(tiny_pipeline, lo
     sources = json.loads(written[meta.SOURCES])
     assert [s["role"] for s in sources] == ["base", "lora"]
     assert sources[1] == {"role": "lora", "file": loras["official"].name, "sha256": hash_file(loras["official"]),
-                          "strength": 0.8}
+                          "sha256_of": "file", "strength": 0.8}
 
 
 def test_single_file_output_loads_in_diffusers_and_renders(tiny_pipeline, loras, fused, base_weights, tmp_path, cli):
@@ -212,7 +212,7 @@ def test_dry_run_reports_the_plan_and_writes_nothing(tiny_pipeline, loras, tmp_p
     plan = json.loads(result.stdout)
     lora = read_lora(loras["with_te"])
     expected = {c: sum(m.component == c for m in lora.modules) for c in COMPONENTS}
-    assert plan["loras"][0]["matched"] == expected and plan["format"] == "comfyui"
+    assert plan["loras"][0]["matched"] == expected and plan["target"] == "comfyui"
     base_bytes = sum(TensorSource.open(tiny_pipeline / c).nbytes() for c in ("unet", "vae", "text_encoder",
                                                                                 "text_encoder_2"))
     assert plan["estimated_bytes"] == base_bytes // 2  # the fp32 base in fp16
@@ -252,11 +252,11 @@ def test_cuda_device_without_a_gpu_is_a_clear_error(tiny_pipeline, tiny_lora, tm
         pytest.skip("a GPU is present")
     result = cli("merge", "--base", tiny_pipeline, "--lora", tiny_lora, "--out", tmp_path / "m.safetensors",
                  "--device", "cuda", ok=False)
-    assert "no CUDA GPU" in result.stderr
+    assert "CUDA is not available" in result.stderr
 
 
 def test_merge_library_call_returns_the_report(tiny_pipeline, tiny_lora, tmp_path):
-    report = merge(tiny_pipeline, [tiny_lora], [1.0], tmp_path / "m.safetensors", dtype="bf16")
-    assert report["written"]["format"] == "comfyui" and report["tensors_merged"] == len(_read(tiny_lora)) // 3
+    report = merge(tiny_pipeline, [tiny_lora], tmp_path / "m.safetensors", strengths=[1.0], dtype="bf16")
+    assert report.written.layout == "single-file" and report.tensors_merged == len(_read(tiny_lora)) // 3
     with safe_open(str(tmp_path / "m.safetensors"), "pt") as f:
         assert {f.get_slice(k).get_dtype() for k in f.keys()} <= {"BF16", "I64"}

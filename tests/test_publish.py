@@ -11,8 +11,11 @@ import pytest
 import yaml
 from PIL import Image
 
-from lightning_tools import catalog, metadata, publish
-from lightning_tools.tensors import LazyTensor, SafetensorsFile, write_tensors
+from lightning_tools import catalog, publish
+from lightning_tools import provenance as metadata
+from lightning_tools.provenance import with_data_hash
+from lightning_tools.stream import LazyTensor, write_file
+from lightning_tools.tensors import SafetensorsFile
 
 TOKEN = "hf_local_test_token"
 LORA4 = catalog.find(4, "lora")
@@ -33,7 +36,7 @@ def merged_folder(pipeline_copy) -> Path:
     meta = metadata.modelspec("My Lightning merge") | metadata.provenance(
         "merge", sources, steps=4, prediction_type="epsilon", settings=catalog.recommended_settings(4).as_dict())
     rewritten = unet.with_name("rewritten.safetensors")
-    write_tensors(rewritten, {k: LazyTensor.of(source, k) for k in source}, meta)
+    write_file(rewritten, {k: LazyTensor.of(source, k) for k in source}, metadata=with_data_hash(meta))
     os.replace(rewritten, unet)
     return pipeline_copy
 

@@ -13,7 +13,9 @@ import pytest
 import torch
 
 from lightning_tools import catalog, comfyui
-from lightning_tools import render as rendering
+from lightning_tools.errors import ChecksFailed
+from lightning_tools.render import checks, pipeline
+from lightning_tools.render import plan as planning
 
 TRAILING = {1: [999], 2: [999, 499], 4: [999, 749, 499, 249], 8: [999, 874, 749, 624, 499, 374, 249, 124]}
 SMALL = ("--device", "cpu", "--height", "64", "--width", "64", "--prompt", "a red cat")
@@ -47,7 +49,7 @@ def test_scheduler_uses_the_trailing_timestep_table(tiny_pipeline, steps):
 
     base_config = EulerDiscreteScheduler.load_config(tiny_pipeline / "scheduler")
     assert base_config["timestep_spacing"] == "leading"  # the base's own spacing must be replaced
-    scheduler = rendering.lightning_scheduler(base_config, catalog.recommended_settings(steps))
+    scheduler = pipeline.lightning_scheduler(base_config, catalog.recommended_settings(steps))
     scheduler.set_timesteps(steps)
     assert scheduler.timesteps.tolist() == TRAILING[steps]
 
@@ -91,15 +93,28 @@ def test_batching_does_not_change_an_image(cli, base_render, tmp_path):
     assert all(i["reference"]["passed"] for i in _report(out)["images"])
 
 
-def test_a_different_seed_fails_the_reference(cli, base_render, tmp_path):
+def test_images_are_paired_with_the_reference_by_prompt_and_seed(cli, base_render, tmp_path):
+    """Seeds 1 and 7 against a reference of seeds 0 and 1: seed 1 meets its own image (not the first one), seed 7
+    has none, which is its own failure, and the gate exits 3."""
     out = tmp_path / "other-seed"
-    result = cli("render", _model(base_render), *SMALL, "--seed", "7", "--out", out, "--reference", base_render)
-    assert result.exit_code == rendering.ChecksFailed.exit_code
+    result = cli("render", _model(base_render), *SMALL, "--seed", "1", "--seed", "7", "--out", out,
+                 "--reference", base_render)
+    assert result.exit_code == ChecksFailed.exit_code == 3
     errors = [line for line in result.stderr.splitlines() if not line.startswith("warning:")]
-    assert len(errors) == 1 and errors[0].startswith("error: ") and "differs from reference" in errors[0]
+    assert len(errors) == 1 and errors[0].startswith("error: ")
+    assert "no reference image for prompt 'a red cat' seed 7" in errors[0]
+    seed1, seed7 = _report(out)["images"]
+    assert (seed1["seed"], seed1["reference"]["file"], seed1["reference"]["mean_abs_diff"]) == (1, "image-001.png", 0)
+    assert seed1["passed"] and not seed7["passed"] and "mean_abs_diff" not in seed7["reference"]
+
+
+def test_a_changed_model_fails_the_reference(cli, tiny_lora, tiny_pipeline, base_render, tmp_path):
+    out = tmp_path / "changed"
+    result = cli("render", tiny_lora, "--base", tiny_pipeline, *SMALL, "--seed", "0", "--out", out,
+                 "--reference", base_render, "--max-diff", "0.01")
+    assert result.exit_code == 3 and "differs from reference by" in result.stderr
     image = _report(out)["images"][0]
-    assert image["reference"]["passed"] is False and image["reference"]["mean_abs_diff"] > 3
-    assert image["reference"]["reference_seed"] == 0 and image["seed"] == 7
+    assert image["reference"]["passed"] is False and image["reference"]["mean_abs_diff"] > 0.01
 
 
 def test_official_1step_x0_name_renders_with_sample_prediction(cli, tiny_pipeline, tmp_path):
@@ -176,13 +191,13 @@ def test_steps_mismatch_warns_loudly_with_the_right_setting(cli, tiny_lora, tiny
 
 
 def test_resolve_warns_for_x0_with_epsilon_and_for_cfg(tiny_pipeline):
-    model = rendering.open_model(tiny_pipeline)
+    model = planning.open_model(tiny_pipeline)
     x0 = catalog.recommended_settings(1, "sample")
-    plan = rendering.resolve(model, x0, "file name", None, "epsilon", 5.0)
+    plan = planning.resolve(model, x0, "file name", None, "epsilon", 5.0)
     assert plan.settings.prediction_type == "epsilon" and plan.settings.guidance_scale == 5.0
     assert any("--prediction-type sample" in w for w in plan.warnings)
     assert any("--guidance-scale 0" in w for w in plan.warnings)
-    assert rendering.resolve(model, x0, "file name", None, None, None).warnings == ()
+    assert planning.resolve(model, x0, "file name", None, None, None).warnings == ()
 
 
 def test_existing_output_is_kept_without_overwrite(cli, base_render):
@@ -195,20 +210,20 @@ def test_existing_output_is_kept_without_overwrite(cli, base_render):
 def test_image_checks_catch_nan_blank_and_overflow():
     gen = torch.Generator().manual_seed(0)
     good = torch.rand(3, 32, 32, generator=gen) * 1.8 - 0.9
-    assert all(c["passed"] for c in rendering.image_checks(good).values())
+    assert all(c["passed"] for c in checks.image_checks(good).values())
     with_nan = good.clone()
     with_nan[0, 0, 0] = float("nan")
-    assert not rendering.image_checks(with_nan)["finite"]["passed"]
-    assert not rendering.image_checks(torch.full((3, 32, 32), 0.3))["not_blank"]["passed"]
-    assert not rendering.image_checks(good * 10)["value_range"]["passed"]
+    assert not checks.image_checks(with_nan)["finite"]["passed"]
+    assert not checks.image_checks(torch.full((3, 32, 32), 0.3))["not_blank"]["passed"]
+    assert not checks.image_checks(good * 10)["value_range"]["passed"]
 
 
 def test_image_difference():
     a = torch.zeros(8, 8, 3, dtype=torch.uint8).numpy()
     b = a.copy()
-    assert rendering.image_difference(a, b) == {"mean_abs_diff": 0.0, "psnr_db": None}
+    assert checks.image_difference(a, b) == {"mean_abs_diff": 0.0, "psnr_db": None}
     b[:4] = 10  # half the pixels 10 levels off
-    diff = rendering.image_difference(a, b)
+    diff = checks.image_difference(a, b)
     assert diff["mean_abs_diff"] == 5.0 and diff["psnr_db"] == pytest.approx(10 * torch.log10(
         torch.tensor(255.0 ** 2 / 50)).item(), abs=1e-3)
 
@@ -233,7 +248,7 @@ def test_comfyui_workflow_for_the_x0_unet(cli, tiny_pipeline, tmp_path):
 
 
 def test_comfyui_workflow_for_a_lora(tiny_lora, tiny_pipeline):
-    plan = rendering.plan(tiny_lora, base=tiny_pipeline)
+    plan = planning.plan(tiny_lora, base=tiny_pipeline)
     flow = comfyui.workflow(plan.model, plan.settings, "a cat")
     by_class = {node["class_type"]: node["inputs"] for node in flow.values()}
     assert by_class["LoraLoader"]["lora_name"] == tiny_lora.name

@@ -5,10 +5,10 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from lightning_tools.errors import UserError
-from lightning_tools.errors import CorruptFile
-from lightning_tools.tensors import (HASH_KEY, Planned, SafetensorsFile, SafetensorsWriter,
-                                     TensorSource, atomic_output, hash_file, read_header)
+from lightning_tools.errors import CorruptFile, UserError
+from lightning_tools.provenance import HASH_KEY, with_data_hash
+from lightning_tools.tensors import (Planned, SafetensorsFile, SafetensorsWriter, TensorSource, atomic_output,
+                                     hash_file, read_header)
 
 
 @pytest.fixture
@@ -32,7 +32,7 @@ def test_writer_streams_converts_and_hashes(sample, tmp_path):
     src = TensorSource.open(path)
     plan = [Planned("a16", "F16", (3, 4)), Planned("b", "I64", (5,)), Planned("c", "F16", (2,))]
     out = tmp_path / "out.safetensors"
-    with SafetensorsWriter(out, plan, {HASH_KEY: "", "title": "t"}) as w:
+    with SafetensorsWriter(out, plan, with_data_hash({HASH_KEY: "", "title": "t"})) as w:
         w.write("a16", src.load("a").half())
         w.copy(src["b"])
         w.copy(src["c"])
@@ -44,7 +44,7 @@ def test_writer_streams_converts_and_hashes(sample, tmp_path):
 
 def _copy_all(source, out):
     plan = [Planned(k, info.dtype, info.shape) for k, info in source.items()]
-    with SafetensorsWriter(out, plan, {HASH_KEY: ""}) as w:
+    with SafetensorsWriter(out, plan, with_data_hash({HASH_KEY: ""})) as w:
         for k in source:
             w.copy(source[k])
     return w.sha256
@@ -155,14 +155,14 @@ def test_sharded_component(tmp_path):
 
 
 def test_write_tensors_copies_stored_and_casts_floats_only(sample, tmp_path):
-    from lightning_tools.tensors import LazyTensor, write_tensors
+    from lightning_tools.stream import LazyTensor, write_file
 
     path, tensors = sample
     src = TensorSource.open(path)
     view = {"renamed_a": LazyTensor.of(src, "a"), "b": LazyTensor.of(src, "b"),
             "a_doubled": LazyTensor.of(src, "a").map(lambda t: t * 2)}
     out = tmp_path / "o.safetensors"
-    write_tensors(out, view, dtype="fp16")
+    write_file(out, view, dtype="F16")
     got = load_file(str(out))
     assert got["renamed_a"].dtype == torch.float16 and got["b"].dtype == torch.int64
     assert torch.equal(got["a_doubled"], (tensors["a"] * 2).half())

@@ -7,7 +7,8 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from lightning_tools.tensors import HASH_KEY, LazyTensor, write_tensors
+from lightning_tools.provenance import HASH_KEY, with_data_hash
+from lightning_tools.stream import LazyTensor, write_file
 from lightning_tools.verify import verify_paths
 
 
@@ -20,7 +21,7 @@ def hashed_file(tmp_path):
     """A small file written by the project's writer, carrying modelspec.hash_sha256 of its data."""
     path = tmp_path / "model.safetensors"
     tensors = {"a.weight": torch.randn(16, 8), "b.weight": torch.randn(32).half()}
-    write_tensors(path, {k: _lazy(v) for k, v in tensors.items()}, {HASH_KEY: ""})
+    write_file(path, {k: _lazy(v) for k, v in tensors.items()}, metadata=with_data_hash({HASH_KEY: ""}))
     return path
 
 
@@ -30,7 +31,7 @@ def _only(reports):
 
 
 def test_intact_file_with_modelspec_hash_passes(hashed_file):
-    report = _only(verify_paths([hashed_file]))
+    report = _only(verify_paths([hashed_file]).files)
     assert report.ok, report.problems
     assert "sha256" in report.checks and report.identity[0]["reference"].startswith("modelspec.hash_sha256")
 
@@ -40,14 +41,14 @@ def test_flipped_data_byte_is_caught_by_the_modelspec_hash(hashed_file, tmp_path
     data = bytearray(hashed_file.read_bytes())
     data[-3] ^= 0x01
     bad.write_bytes(data)
-    report = _only(verify_paths([bad]))
+    report = _only(verify_paths([bad]).files)
     assert not report.ok and "sha256" in report.problems[0] and "modelspec.hash_sha256" in report.problems[0]
 
 
 def test_truncated_file_is_caught_without_hashing(hashed_file, tmp_path):
     bad = tmp_path / "truncated.safetensors"
     bad.write_bytes(hashed_file.read_bytes()[:-10])
-    report = _only(verify_paths([bad]))
+    report = _only(verify_paths([bad]).files)
     assert not report.ok and "truncated" in report.problems[0]
     assert report.checks == ["structure"] and report.sha256 is None
 
@@ -71,7 +72,7 @@ def test_header_offsets_that_do_not_tile_the_data_are_caught(hashed_file, tmp_pa
         header["b.weight"]["data_offsets"] = [begin - 8, end - 8]
 
     _rewrite_header(hashed_file, bad, swap)
-    report = _only(verify_paths([bad]))
+    report = _only(verify_paths([bad]).files)
     assert not report.ok and "overlap or leave a gap" in report.problems[0]
 
 
@@ -79,22 +80,22 @@ def test_deep_scan_finds_nan(tmp_path):
     path = tmp_path / "nan.safetensors"
     t = torch.randn(4, 4)
     t[1, 2] = float("nan")
-    write_tensors(path, {"ok": _lazy(torch.randn(3)), "broken": _lazy(t.half())})
-    assert _only(verify_paths([path])).ok
-    report = _only(verify_paths([path], deep=True))
+    write_file(path, {"ok": _lazy(torch.randn(3)), "broken": _lazy(t.half())})
+    assert _only(verify_paths([path]).files).ok
+    report = _only(verify_paths([path], deep=True).files)
     assert not report.ok and "broken (1 of 16)" in report.problems[0] and "finite" in report.checks
 
 
 def test_diffusers_folder_is_verified_component_by_component(tiny_pipeline, pipeline_copy):
-    reports = verify_paths([tiny_pipeline])
+    reports = verify_paths([tiny_pipeline]).files
     assert {r.component for r in reports} == {"unet", "vae", "text_encoder", "text_encoder_2"}
     assert all(r.ok for r in reports), [r.problems for r in reports]
     vae = pipeline_copy / "vae" / "diffusion_pytorch_model.safetensors"
     vae.write_bytes(vae.read_bytes()[:-4])
     (pipeline_copy / "text_encoder" / "model.safetensors").unlink()
-    by_component = {r.component: r for r in verify_paths([pipeline_copy])}
+    by_component = {r.component: r for r in verify_paths([pipeline_copy]).files}
     assert not by_component["vae"].ok and "truncated" in by_component["vae"].problems[0]
-    assert not by_component["text_encoder"].ok and "no safetensors weights" in by_component["text_encoder"].problems[0]
+    assert not by_component["text_encoder"].ok and "no weights found" in by_component["text_encoder"].problems[0]
     assert by_component["unet"].ok and by_component["text_encoder_2"].ok
 
 
@@ -103,7 +104,7 @@ def test_folder_of_loose_files_verifies_each(hashed_file, tiny_lora, tmp_path):
     folder.mkdir()
     shutil.copy(hashed_file, folder / "a.safetensors")
     shutil.copy(tiny_lora, folder / "b.safetensors")
-    reports = verify_paths([folder])
+    reports = verify_paths([folder]).files
     assert [r.path for r in reports] == [str(folder / "a.safetensors"), str(folder / "b.safetensors")]
     assert all(r.ok for r in reports)
 
@@ -114,13 +115,13 @@ def test_single_file_architecture_is_checked_against_configs(tiny_pipeline, tmp_
 
     full = tmp_path / "tiny.safetensors"
     write_checkpoint(open_checkpoint(tiny_pipeline), full, to="comfyui")
-    toy = _only(verify_paths([full]))  # toy widths are not SDXL's
+    toy = _only(verify_paths([full]).files)  # toy widths are not SDXL's
     assert not toy.ok and any("wrong shape" in p and "SDXL base has" in p for p in toy.problems)
-    assert _only(verify_paths([full], config_dir=tiny_pipeline)).ok
+    assert _only(verify_paths([full], config_dir=tiny_pipeline).files).ok
     source = SafetensorsFile(full)
     dropped = "model.diffusion_model.out.2.weight"
     partial = tmp_path / "partial.safetensors"
-    write_tensors(partial, {k: LazyTensor.of(source, k) for k in source if k != dropped})
+    write_file(partial, {k: LazyTensor.of(source, k) for k in source if k != dropped})
     result = cli("verify", partial, "--config", tiny_pipeline, ok=False)
     assert "unet: 1 key missing (conv_out.weight)" in result.stdout
 
@@ -134,7 +135,7 @@ def test_cli_reports_each_path_and_fails_if_any_fails(hashed_file, tmp_path, cli
     assert "FAIL" in result.stdout and "truncated" in result.stdout
     assert result.stderr.startswith("error: 1 of 2")
     as_json = json.loads(cli("verify", hashed_file, bad, "--json", ok=False).stdout)
-    assert [r["ok"] for r in as_json] == [True, False]
+    assert [r["ok"] for r in as_json["files"]] == [True, False] and as_json["ok"] is False
 
 
 def test_file_in_the_hub_cache_is_checked_against_its_blob_hash(hashed_file, tmp_path):
@@ -147,37 +148,37 @@ def test_file_in_the_hub_cache_is_checked_against_its_blob_hash(hashed_file, tmp
     cached = repo / "snapshots" / ("a" * 40) / "model.safetensors"
     cached.parent.mkdir(parents=True)
     cached.symlink_to(blob)
-    report = _only(verify_paths([cached]))
+    report = _only(verify_paths([cached]).files)
     assert report.ok and report.identity[0]["reference"].startswith("manifest: someone/mirror")
     data[-1] ^= 0x80
     blob.write_bytes(data)
-    report = _only(verify_paths([cached]))
+    report = _only(verify_paths([cached]).files)
     assert not report.ok and "differs from manifest: someone/mirror" in report.problems[0]
 
 
 def test_catalogue_name_with_the_wrong_size_fails_without_hashing(hashed_file, tmp_path):
     fake = tmp_path / "sdxl_lightning_4step_lora.safetensors"
     shutil.copy(hashed_file, fake)
-    report = _only(verify_paths([fake]))
+    report = _only(verify_paths([fake]).files)
     assert not report.ok and "393854592" in report.problems[0] and report.sha256 is None
 
 
 def test_unpinned_size_is_checked_by_hash_only(hashed_file, tmp_path):
     fake = tmp_path / "sdxl_lightning_8step_unet.safetensors"  # its catalogue size is unconfirmed
     shutil.copy(hashed_file, fake)
-    report = _only(verify_paths([fake]))
+    report = _only(verify_paths([fake]).files)
     assert not report.ok and "sha256" in report.problems[0] and "471d8260" in report.problems[0]
 
 
 def test_lightning_lora_maps_onto_sdxl_modules(tiny_lora, tmp_path):
-    report = _only(verify_paths([tiny_lora]))
+    report = _only(verify_paths([tiny_lora]).files)
     assert report.ok and "architecture" in report.checks
     sd15 = tmp_path / "sd15_lora.safetensors"
     save_file({"lora_unet_input_blocks_1_1_proj_in.lora_down.weight": torch.zeros(4, 320),
                "lora_unet_input_blocks_1_1_proj_in.lora_up.weight": torch.zeros(320, 4),
                "lora_unet_down_blocks_3_attentions_0_proj_in.lora_down.weight": torch.zeros(4, 8),
                "lora_unet_down_blocks_3_attentions_0_proj_in.lora_up.weight": torch.zeros(8, 4)}, str(sd15))
-    report = _only(verify_paths([sd15]))
+    report = _only(verify_paths([sd15]).files)
     assert not report.ok and "2 LoRA modules name nothing in SDXL" in report.problems[0]
 
 
@@ -202,7 +203,7 @@ def _empty_folder(tmp_path):
 @pytest.mark.parametrize("make, reason", [
     (lambda tmp: tmp / "missing.safetensors", "no such file"),
     (_empty_folder, "no .safetensors files"),
-    (_not_safetensors, "header claims"),
+    (_not_safetensors, "is a text file, not a weights file"),
     (_header_larger_than_file, "header claims 10000 bytes"),
 ])
 def test_bad_input_is_a_one_line_failure(tmp_path, cli, make, reason):

@@ -7,22 +7,21 @@ embedding, cross-attention width), never from exact widths, so a toy model with 
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import json
 import re
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from lightning_tools.errors import UserError
 from lightning_tools.sdxl import SDXL_BASE_CONFIGS
 from lightning_tools.sdxl import keys as K
-from lightning_tools.tensors import LazyTensor, TensorSource, read_header, weight_files
+from lightning_tools.sdxl.vocabulary import ARCHITECTURES, COMPONENT_NAMES, REFINER_TEXT_PREFIX
+from lightning_tools.stream import LazyTensor
+from lightning_tools.tensors import TensorSource, weight_files
 
-COMPONENTS = ("unet", "vae", "text_encoder", "text_encoder_2")
-DESCRIBE = {"sdxl-base": "an SDXL base model", "sdxl-refiner": "an SDXL refiner", "sd1": "a Stable Diffusion 1.x model",
-            "sd2": "a Stable Diffusion 2.x model", "sd3": "a Stable Diffusion 3 model", "flux": "a FLUX model",
-            "unknown": "not a model this tool knows"}
 # Keys and shapes of the SDXL base per component, precomputed from the bundled configs (tests/test_detect.py
 # checks them against the models the configs describe).
 SHAPES_FILE = SDXL_BASE_CONFIGS.parent / "sdxl-base-shapes.json"
@@ -31,46 +30,52 @@ _LORA_MARKERS = (".lora_down.", ".lora_up.", ".lora_A.", ".lora_B.", ".lora.down
 
 @dataclass(frozen=True)
 class Detection:
-    """`layout`: diffusers | single-file | unet-diffusers | unet-single-file | lora | unknown.
-    `unet_prefix`: the key prefix of a single-file UNet ("model.diffusion_model." or "" for bare keys)."""
+    """What a path holds. `layout`: one of `vocabulary.LAYOUTS`, or "lora" or "unknown". `unet_prefix`: the
+    key prefix of a single-file UNet ("model.diffusion_model." or "" for bare keys). `sources`: the weights
+    opened to find this out (per component for a diffusers folder, under "" for a file or a component folder),
+    handed on so nothing is opened twice."""
 
     path: Path
     layout: str
     components: tuple[str, ...]
     architecture: str
     unet_prefix: str = ""
+    sources: Mapping[str, TensorSource] = field(default_factory=dict, compare=False, repr=False)
 
     @property
     def description(self) -> str:
-        return DESCRIBE[self.architecture]
+        return ARCHITECTURES[self.architecture]
+
+    @property
+    def source(self) -> TensorSource:
+        """The weights of a file or component folder."""
+        return self.sources[""]
 
 
 def detect(path: Path | str) -> Detection:
     path = Path(path)
     if not path.exists():
-        raise UserError(f"{path}: no such file or folder")
+        raise UserError("no such file or folder", path=path)
     if path.is_dir():
         return _detect_folder(path)
-    tensors, _, _ = read_header(path)
-    shapes = {k: tuple(v.shape) for k, v in tensors.items()}
-    return _detect_keys(path, shapes)
+    source = TensorSource.open(path)
+    return dataclasses.replace(_detect_keys(path, _shapes(source)), sources={"": source})
 
 
 def _detect_folder(path: Path) -> Detection:
     if (path / "model_index.json").is_file():
-        present = tuple(c for c in COMPONENTS if _has_weights(path / c))
+        sources = {c: TensorSource.open(path / c) for c in COMPONENT_NAMES if _has_weights(path / c)}
         arch = "unknown"
-        if "unet" in present:
-            arch = _architecture(_shapes(path / "unet"), "")
+        if "unet" in sources:
+            arch = _architecture(_shapes(sources["unet"]), "")
         elif (path / "transformer").is_dir():
             arch = _transformer_architecture(path / "transformer")
-        return Detection(path, "diffusers", present, arch)
+        return Detection(path, "diffusers", tuple(sources), arch, sources=sources)
     if (path / "config.json").is_file() and _has_weights(path):
-        shapes = _shapes(path)
-        found = _detect_keys(path, shapes)
-        return Detection(path, found.layout, found.components, found.architecture, found.unet_prefix)
-    raise UserError(f"{path}: a folder that is neither a diffusers pipeline (no model_index.json) nor a model "
-                    "component (config.json + weights)")
+        source = TensorSource.open(path)
+        return dataclasses.replace(_detect_keys(path, _shapes(source)), sources={"": source})
+    raise UserError("a folder that is neither a diffusers pipeline (no model_index.json) nor a model component "
+                    "(config.json + weights)", path=path)
 
 
 def _has_weights(folder: Path) -> bool:
@@ -80,8 +85,8 @@ def _has_weights(folder: Path) -> bool:
         return False
 
 
-def _shapes(folder: Path) -> dict[str, tuple[int, ...]]:
-    return {k: tuple(v.shape) for k, v in TensorSource.open(folder).items()}
+def _shapes(source: TensorSource) -> dict[str, tuple[int, ...]]:
+    return {k: tuple(v.shape) for k, v in source.items()}
 
 
 def _transformer_architecture(folder: Path) -> str:
@@ -96,8 +101,8 @@ def _detect_keys(path: Path, shapes: Mapping[str, tuple[int, ...]]) -> Detection
     keys = list(shapes)
     if any(marker in k for k in keys for marker in _LORA_MARKERS) or any(k.startswith("lora_") for k in keys):
         return Detection(path, "lora", (), "unknown")
-    present = tuple(c for c in COMPONENTS if any(k.startswith(K.PREFIXES[c]) for k in keys))
-    refiner_text = any(k.startswith("conditioner.embedders.0.model.") for k in keys)
+    present = tuple(c for c in COMPONENT_NAMES if any(k.startswith(K.PREFIXES[c]) for k in keys))
+    refiner_text = any(k.startswith(REFINER_TEXT_PREFIX) for k in keys)
     if refiner_text and "text_encoder_2" not in present:
         present += ("text_encoder_2",)
     if "unet" in present:
@@ -116,6 +121,25 @@ def _detect_keys(path: Path, shapes: Mapping[str, tuple[int, ...]]) -> Detection
     if present:
         return Detection(path, "single-file", present, "sdxl-refiner" if refiner_text else "unknown")
     return Detection(path, "unknown", (), "unknown")
+
+
+# The context width of UNet cross-attention keys tells SD1 (768), SD2 (1024) and SDXL (2048) LoRAs apart.
+_LORA_CROSS_ATTN_K = re.compile(r".*attn2[._]to_k.*(lora_down|lora_A|lora\.down|down)\.weight$")
+_LORA_CONTEXT = {768: "sd1", 1024: "sd2", 2048: "sdxl-base", 1280: "sdxl-refiner"}
+
+
+def lora_architecture(shapes: Mapping[str, tuple[int, ...]]) -> str:
+    """The architecture a LoRA was trained for, judged from its keys and shapes: the width of its
+    cross-attention key projections, or DiT block names for SD3 and FLUX. "unknown" when nothing tells."""
+    keys = list(shapes)
+    if any("joint_blocks" in k or "joint_transformer_blocks" in k for k in keys):
+        return "sd3"
+    if any("double_blocks" in k or "single_blocks" in k or "single_transformer_blocks" in k for k in keys):
+        return "flux"
+    widths = {shapes[k][1] for k in keys if _LORA_CROSS_ATTN_K.match(k) and len(shapes[k]) == 2}
+    if len(widths) == 1:
+        return _LORA_CONTEXT.get(widths.pop(), "unknown")
+    return "unknown"
 
 
 def _transformer_keys_architecture(keys: list[str]) -> str:
@@ -239,17 +263,15 @@ def check_component(tensors: Mapping, component: str, config: Mapping | None = N
     return problems
 
 
-def check_architecture(tensors: Mapping, component: str | None = None,
+def check_architecture(tensors: Mapping[str, LazyTensor], component: str | None = None,
                        configs: Mapping[str, Mapping] | None = None) -> list[str]:
-    """Problems with `tensors` (TensorInfo or LazyTensor values; headers only) as SDXL weights, one line each.
+    """Problems with `tensors` as SDXL weights, one line each, from their shapes alone (nothing is loaded).
 
     `component` names a diffusers component's tensors; None means the keys of one file: a single-file
     checkpoint (any of its parts) or a UNet in either naming. `configs` per component default to SDXL base.
     An empty list means every expected key is present with the expected shape.
     """
     configs = dict(configs or {})
-    tensors = {k: v if isinstance(v, LazyTensor) else LazyTensor(v.dtype, tuple(v.shape), _header_only)
-               for k, v in tensors.items()}
     if component is not None:
         return check_component(tensors, component, configs.get(component))
     shapes = {k: tuple(v.shape) for k, v in tensors.items()}
@@ -258,7 +280,7 @@ def check_architecture(tensors: Mapping, component: str | None = None,
         return ["a LoRA, not a model"]
     if found.architecture != "sdxl-base":
         return [f"looks like {found.description}, not SDXL base"]
-    structure = {c: configs.get(c) or base_config(c) for c in COMPONENTS}
+    structure = {c: configs.get(c) or base_config(c) for c in COMPONENT_NAMES}
     if found.layout == "unet-diffusers":
         return check_component(tensors, "unet", configs.get("unet"))
     if found.layout == "unet-single-file" and not found.unet_prefix:
@@ -272,9 +294,6 @@ def check_architecture(tensors: Mapping, component: str | None = None,
         problems.append(f"{_count(unknown, 'key')} outside the SDXL layout ({_first(unknown)})")
     return problems
 
-
-def _header_only():
-    raise AssertionError("architecture checks read headers only")
 
 
 def _count(items: list, noun: str) -> str:

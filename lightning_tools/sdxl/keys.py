@@ -23,15 +23,11 @@ import math
 import re
 from collections.abc import Iterable, Mapping
 
-import torch
+from lightning_tools import dtypes
+from lightning_tools.sdxl.vocabulary import PREFIXES
+from lightning_tools.stream import LazyTensor, constant
 
-from lightning_tools.tensors import CODE_OF, TORCH_DTYPE, LazyTensor
-
-UNET_PREFIX = "model.diffusion_model."
-VAE_PREFIX = "first_stage_model."
-CLIP_L_PREFIX = "conditioner.embedders.0.transformer."
-CLIP_G_PREFIX = "conditioner.embedders.1.model."
-PREFIXES = {"unet": UNET_PREFIX, "vae": VAE_PREFIX, "text_encoder": CLIP_L_PREFIX, "text_encoder_2": CLIP_G_PREFIX}
+UNET_PREFIX = PREFIXES["unet"]
 
 # Buffers, not weights: transformers rebuilds position_ids (int64 0..n-1) itself, so reading drops them and the
 # single-file writer emits a fresh int64 copy (loaders of single files expect it; never a float one).
@@ -197,6 +193,7 @@ def unet_module_map(config: Mapping) -> dict[str, str]:
 
 @functools.lru_cache(maxsize=4)
 def _unet_module_map(key: str) -> tuple[tuple[str, str], ...]:
+    import torch
     from diffusers import UNet2DConditionModel
 
     config = json.loads(key)
@@ -251,20 +248,23 @@ def concatenated(parts: list[LazyTensor]) -> LazyTensor:
     shape = (sum(p.shape[0] for p in parts), *parts[0].shape[1:])
     loads = [p.load for p in parts]
 
-    def load() -> torch.Tensor:
+    def load():
+        import torch
+
         first = loads[0]()
         return torch.cat([first, *(f().to(first.dtype) for f in loads[1:])])
 
     return LazyTensor(dtype, shape, load)
 
 
-def constant(value: torch.Tensor) -> LazyTensor:
-    return LazyTensor(CODE_OF[value.dtype], tuple(value.shape), lambda: value)
-
-
 def position_ids(count: int) -> LazyTensor:
     """CLIP's position_ids buffer, int64 [1, count], as single files store it."""
-    return constant(torch.arange(count, dtype=torch.int64).unsqueeze(0))
+    def make():
+        import torch
+
+        return torch.arange(count, dtype=torch.int64).unsqueeze(0)
+
+    return constant(make, "I64", (1, count))
 
 
 # --- per-component conversion ---------------------------------------------------------------------------------
@@ -379,8 +379,14 @@ def clip_g_to_single(tensors: Mapping[str, LazyTensor], config: Mapping | None =
             if f".self_attn.{name}." in key and key.replace(name, "q_proj") not in tensors:
                 unknown.append(key)
     if LOGIT_SCALE not in out and "text_projection" in out:
-        dtype = TORCH_DTYPE[out["text_projection"].dtype]
-        out[LOGIT_SCALE] = constant(torch.tensor(LOGIT_SCALE_VALUE, dtype=dtype))
+        code = out["text_projection"].dtype
+
+        def make():
+            import torch
+
+            return torch.tensor(LOGIT_SCALE_VALUE, dtype=dtypes.torch_dtype(code))
+
+        out[LOGIT_SCALE] = constant(make, code, ())
     return out, unknown
 
 

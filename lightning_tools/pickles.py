@@ -1,0 +1,127 @@
+"""Weight files that are not safetensors: PyTorch pickles (`.ckpt`, `.pt`, `.pth`, `.bin`) read safely, and
+anything else named for what it is.
+
+A pickle can run any code when it is loaded, so it is read only through `torch.load(weights_only=True)`, which
+refuses every object that is not plain tensors and containers; what it refuses is one line naming the file as
+an unsafe pickle, never a traceback. Files in torch's zip format are memory-mapped, so a 5 GB DMD2 UNet
+`.bin` costs what the stream reads, not its size; the legacy format is loaded whole.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Literal
+
+from lightning_tools import dtypes
+from lightning_tools.errors import CorruptFile, UnsafeFile
+
+if TYPE_CHECKING:
+    import torch
+
+PICKLE_SUFFIXES = (".ckpt", ".pt", ".pth", ".bin")
+Kind = Literal["safetensors", "zip-pickle", "pickle", "png", "jpeg", "gif", "webp", "gguf", "json", "text",
+               "empty", "unknown"]
+_WHAT = {"png": "a PNG image", "jpeg": "a JPEG image", "gif": "a GIF image", "webp": "a WebP image",
+         "gguf": "a GGUF file (llama.cpp / ComfyUI-GGUF quantised weights)", "json": "a JSON file",
+         "text": "a text file", "empty": "an empty file", "unknown": "not a weights file this tool knows"}
+
+
+def sniff(path: Path) -> Kind:
+    """What a file is, from its first bytes."""
+    with open(path, "rb") as f:
+        head = f.read(64)
+    if not head:
+        return "empty"
+    if len(head) > 8 and head[8:9] == b"{" and int.from_bytes(head[:8], "little") > 1:
+        return "safetensors"
+    if head.startswith(b"PK\x03\x04"):
+        return "zip-pickle"
+    if head[:1] == b"\x80" and 2 <= head[1] <= 5:
+        return "pickle"
+    for magic, kind in ((b"\x89PNG", "png"), (b"\xff\xd8\xff", "jpeg"), (b"GIF8", "gif"), (b"GGUF", "gguf")):
+        if head.startswith(magic):
+            return kind  # type: ignore[return-value]
+    if head.startswith(b"RIFF") and head[8:12] == b"WEBP":
+        return "webp"
+    stripped = head.lstrip()
+    if stripped[:1] in (b"{", b"["):
+        return "json"
+    try:
+        head.decode("utf-8")
+    except UnicodeDecodeError:
+        return "unknown"
+    return "text"
+
+
+def not_weights(path: Path, kind: Kind) -> CorruptFile:
+    """The error for a file that holds no weights at all."""
+    return CorruptFile(f"is {_WHAT[kind]}, not a weights file; give a .safetensors file (or a .ckpt/.pt/.bin "
+                       "PyTorch checkpoint)", path=path)
+
+
+@dataclass(frozen=True)
+class PickleTensor:
+    """One tensor of a pickle: known by dtype and shape; its bytes have no fixed place to copy from."""
+
+    name: str
+    dtype: str
+    shape: tuple[int, ...]
+    path: None = None
+
+    @property
+    def is_float(self) -> bool:
+        return self.dtype in dtypes.FLOAT_CODES
+
+
+class PickleFile(Mapping[str, PickleTensor]):
+    """The tensors of a PyTorch checkpoint, a mapping like `tensors.SafetensorsFile`. A Lightning-era `.ckpt`
+    keeps them under "state_dict" (or "model"/"module"); those wrappers are looked through."""
+
+    def __init__(self, path: Path | str):
+        self.path = Path(path)
+        self.metadata: dict[str, str] = {}
+        self._tensors = _load(self.path)
+        self.tensors = {k: PickleTensor(k, dtypes.code_of(t.dtype), tuple(t.shape)) for k, t in self._tensors.items()}
+
+    def __getitem__(self, key: str) -> PickleTensor:
+        return self.tensors[key]
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self.tensors)
+
+    def __len__(self) -> int:
+        return len(self.tensors)
+
+    def load(self, key: str) -> "torch.Tensor":
+        return self._tensors[key]
+
+
+def _load(path: Path) -> dict[str, "torch.Tensor"]:
+    import pickle
+
+    import torch
+
+    kind = sniff(path)
+    if kind not in ("zip-pickle", "pickle"):
+        raise not_weights(path, kind)
+    try:
+        data = torch.load(path, map_location="cpu", weights_only=True, mmap=kind == "zip-pickle")
+    except pickle.UnpicklingError as e:
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise UnsafeFile(f"an unsafe pickle: loading it would run code or build objects other than tensors "
+                         f"({first[:200]}); refused. Convert it to safetensors where it came from, or get a "
+                         ".safetensors copy", path=path) from None
+    except (RuntimeError, EOFError, OSError, ValueError) as e:
+        raise CorruptFile(f"not a readable PyTorch checkpoint ({type(e).__name__}: {str(e)[:200]}); the file is "
+                          "damaged: download or export it again", path=path) from None
+    for wrapper in ("state_dict", "model", "module"):
+        if isinstance(data, dict) and isinstance(data.get(wrapper), dict):
+            data = data[wrapper]
+    if not isinstance(data, dict):
+        raise CorruptFile(f"holds a {type(data).__name__}, not a dict of tensors", path=path)
+    tensors = {str(k): v for k, v in data.items() if isinstance(v, torch.Tensor)}
+    if not tensors:
+        raise CorruptFile("holds no tensors", path=path)
+    return tensors
