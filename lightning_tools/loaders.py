@@ -34,6 +34,8 @@ from pathlib import Path
 from string import Formatter
 from typing import TYPE_CHECKING, Literal
 
+from lightning_tools.sdxl.vocabulary import COMPONENTS, LORA_COMPONENTS
+
 if TYPE_CHECKING:
     from lightning_tools.lora import LoraFile
 
@@ -60,13 +62,13 @@ _CLIP_LAYER = r"text_model\.encoder\.layers\.\d+\.(mlp\.fc1|mlp\.fc2|self_attn\.
 # text encoders: DIFFUSERS_TO_PEFT turns `.lora_linear_layer.down` into `.lora_A`, not `.lora.down`).
 # ComfyUI and Forge: LoRAAdapter.load's regular, diffusers2, diffusers3 and transformers forms. A1111:
 # ModuleTypeLora (lora_up/down, lora_A/B).
-_TE = ("text_encoder", "text_encoder_2")
+_TE = tuple(c for c in LORA_COMPONENTS if c != "unet")
 _SUFFIXES: dict[Loader, dict[str, frozenset[str]]] = {
     "diffusers": {"unet": frozenset({_KOHYA, _PEFT, _DOT, _LINEAR_LAYER}),
                   **{c: frozenset({_KOHYA, _PEFT, _LINEAR_LAYER}) for c in _TE}},
-    "comfyui": {c: frozenset({_KOHYA, _PEFT, _DOT, _LINEAR_LAYER}) for c in ("unet", *_TE)},
-    "forge": {c: frozenset({_KOHYA, _PEFT, _DOT, _LINEAR_LAYER}) for c in ("unet", *_TE)},
-    "a1111": {c: frozenset({_KOHYA, _PEFT}) for c in ("unet", *_TE)},
+    "comfyui": {c: frozenset({_KOHYA, _PEFT, _DOT, _LINEAR_LAYER}) for c in LORA_COMPONENTS},
+    "forge": {c: frozenset({_KOHYA, _PEFT, _DOT, _LINEAR_LAYER}) for c in LORA_COMPONENTS},
+    "a1111": {c: frozenset({_KOHYA, _PEFT}) for c in LORA_COMPONENTS},
 }
 
 # The module names each loader maps, per component: (module pattern, stem templates). A module of the file is
@@ -272,10 +274,8 @@ def _as_loaders_see_it(lora: LoraFile) -> _File:
 
 def _as_kohya(f: _File) -> _File:
     """The file as `convert --to kohya` would write it (write_lora: kohya keys, diffusers names, `.alpha` keys)."""
-    from lightning_tools.lora import _KOHYA_WRITE_PREFIX
-
-    modules = tuple(_Module(_KOHYA_WRITE_PREFIX[m.component] + m.module.replace(".", "_"), m.component, m.module,
-                            _KOHYA, 2 + (m.alpha_at is not None), "key" if m.alpha_at else None, m.scale)
+    modules = tuple(_Module(COMPONENTS[m.component].kohya_prefixes[0] + m.module.replace(".", "_"), m.component,
+                            m.module, _KOHYA, 2 + (m.alpha_at is not None), "key" if m.alpha_at else None, m.scale)
                     for m in f.modules)
     keys = frozenset(m.name + suffix for m in modules
                      for suffix in (_KOHYA, ".lora_up.weight", *([".alpha"] if m.alpha_at else [])))

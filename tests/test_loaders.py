@@ -12,8 +12,9 @@ import pytest
 import torch
 from safetensors import safe_open
 
+from lightning_tools.convert import convert_lora
 from lightning_tools.loaders import LOADERS, coverage, comfyui_ready, describe, kohya_copy
-from lightning_tools.lora import convert_lora_file, read_lora, te_canonical
+from lightning_tools.lora import read_lora, te_canonical
 from lora_fixtures import (kohya_te_lora, kohya_unet_lora, kohya_via_diffusers, lycoris_locon, peft_via_diffusers,
                            to_single_file_names, unet_config, write)
 
@@ -34,8 +35,8 @@ def files(tiny_pipeline, tmp_path_factory):
     d = tmp_path_factory.mktemp("loaders")
     source = write(kohya_unet_lora(tiny_pipeline, alpha=2.0) | kohya_te_lora(tiny_pipeline), d / "source.safetensors")
     diffusers_peft = peft_via_diffusers(tiny_pipeline, source, d / "diffusers")
-    convert_lora_file(source, "peft", d / "our_peft.safetensors")
-    convert_lora_file(diffusers_peft, "kohya", d / "our_kohya.safetensors")
+    convert_lora(source, "peft", d / "our_peft.safetensors")
+    convert_lora(diffusers_peft, "kohya", d / "our_kohya.safetensors")
     return {
         "source": source,
         "our peft": d / "our_peft.safetensors",
