@@ -24,6 +24,7 @@ from typing import TYPE_CHECKING
 from lightning_tools import dtypes
 from lightning_tools.errors import CorruptFile, UserError
 from lightning_tools.pickles import PickleFile, not_weights, sniff
+from lightning_tools.progress import bar
 
 if TYPE_CHECKING:
     import torch
@@ -539,8 +540,6 @@ def hash_file_and_data(path: Path | str, data_start: int) -> tuple[str, str]:
 
 
 def _hash_into(f, digests: list, nbytes: int, desc: str) -> None:
-    from lightning_tools.progress import bar
-
     buf = bytearray(_CHUNK)
     view = memoryview(buf)
     with bar(nbytes, desc=desc) as progress:

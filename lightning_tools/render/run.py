@@ -18,6 +18,7 @@ from pathlib import Path
 import torch
 from PIL import Image
 
+from lightning_tools import __version__
 from lightning_tools.device import parse_device
 from lightning_tools.errors import UserError
 from lightning_tools.progress import bar
@@ -212,8 +213,6 @@ def _sync(device: torch.device) -> None:
 def _versions() -> dict[str, str | None]:
     import diffusers
     import transformers
-
-    from lightning_tools import __version__
 
     return {"lightning_tools": __version__, "torch": torch.__version__, "diffusers": diffusers.__version__,
             "transformers": transformers.__version__, "cuda": torch.version.cuda}
