@@ -5,7 +5,7 @@ one place only. A module it cannot name is dropped (ComfyUI logs "lora key not l
 nothing at the default log level), and an alpha kept where it does not look means scale 1 instead of alpha/rank.
 The tables below are each loader's SDXL rules, read from its source and written as data, limited to the name
 forms our reader accepts (kohya `lora_unet_`/`lora_te*_` and peft `unet.`/`text_encoder*.` names). Everything
-here works from the file's header and our reader's normal form, so `inspect` stays header-only.
+here works from the file's header, our reader's normal form and the bundled SDXL key shapes: no torch.
 
 Sources read (versions):
 - diffusers 0.42.1 (installed): loaders/lora_pipeline.py `StableDiffusionXLLoraLoaderMixin.load_lora_weights` and
@@ -30,6 +30,7 @@ import shlex
 from collections import Counter
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
+from functools import lru_cache
 from pathlib import Path
 from string import Formatter
 from typing import TYPE_CHECKING, Literal
@@ -253,12 +254,27 @@ class _File:
     keys: frozenset[str]
 
 
+@lru_cache(maxsize=1)
+def _sdxl() -> tuple[dict[str, frozenset[str]], Callable[[str], str | None]]:
+    """SDXL base's weight-owning module names per component (text encoders with `text_model.`) and its UNet's
+    diffusers -> single-file renaming, from the bundled key shapes and config: no model is built, no torch."""
+    import json
+
+    from lightning_tools.sdxl import SDXL_BASE_CONFIGS
+    from lightning_tools.sdxl.detect import SHAPES_FILE
+    from lightning_tools.sdxl.keys import unet_names
+
+    shapes = json.loads(SHAPES_FILE.read_text())
+    names = {c: frozenset(k.removesuffix(".weight") for k in shapes[c] if k.endswith(".weight"))
+             for c in LORA_COMPONENTS}
+    return names, unet_names(json.loads((SDXL_BASE_CONFIGS / "unet" / "config.json").read_text())).to_single
+
+
 def _as_loaders_see_it(lora: LoraFile) -> _File:
-    from lightning_tools.lora import sdxl_module_names
     from lightning_tools.tensors import SafetensorsFile
 
     keys = frozenset(SafetensorsFile(lora.path))
-    sdxl, _ = sdxl_module_names()
+    sdxl, _ = _sdxl()
     modules = []
     for m in lora.modules:
         known = m.module in sdxl[m.component]
@@ -323,11 +339,7 @@ def _names(loader: Loader, component: str, spellings: _Spellings) -> set[str]:
 # --- per-loader verdicts ------------------------------------------------------------------------------------
 
 def _applied(loader: Loader, f: _File) -> list[bool]:
-    from lightning_tools.lora import sdxl_module_names
-    from lightning_tools.sdxl.keys import unet_names
-
-    _, unet_config = sdxl_module_names()
-    to_single = unet_names(unet_config).to_single
+    _, to_single = _sdxl()
     verdicts = []
     for m in f.modules:
         ok = m.module is not None and m.suffix in _SUFFIXES[loader][m.component]
