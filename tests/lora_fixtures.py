@@ -167,3 +167,28 @@ def peft_lora_via_diffusers(pipeline: Path, out_dir: Path, seed: int = 0, **conf
         text_encoder_lora_layers=get_peft_model_state_dict(models["text_encoder"]),
         unet_lora_adapter_metadata=unet_lora_config.to_dict(), text_encoder_lora_adapter_metadata=te_config.to_dict())
     return out_dir / "pytorch_lora_weights.safetensors", models
+
+
+def kohya_via_diffusers(peft_file: Path, out: Path) -> Path:
+    """A peft LoRA turned kohya by diffusers' own `convert_state_dict_to_kohya` (alpha = rank for every module,
+    text encoder names as the installed transformers spells its modules)."""
+    from diffusers.utils import convert_state_dict_to_kohya
+    from safetensors.torch import load_file
+
+    return write(convert_state_dict_to_kohya(load_file(str(peft_file))), out)
+
+
+def lycoris_locon(pipeline: Path, out: Path, tucker: bool) -> Path:
+    """A LoCon on the UNet's conv blocks written by lycoris-lora's kohya network (kohya keys, diffusers names;
+    `tucker` adds `lora_mid` weights to the 3x3 convs)."""
+    from diffusers import StableDiffusionXLPipeline
+    from lycoris.kohya import create_network
+
+    pipe = StableDiffusionXLPipeline.from_pretrained(pipeline, local_files_only=True)
+    encoders = [pipe.text_encoder, pipe.text_encoder_2]
+    network = create_network(1.0, 4, 2.0, None, encoders, pipe.unet, algo="locon", use_tucker=tucker, conv_dim=4,
+                             conv_alpha=2.0, preset="unet-convblock-only")
+    network.apply_to(encoders, pipe.unet, apply_text_encoder=True, apply_unet=True)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    network.save_weights(str(out), None, {})
+    return out

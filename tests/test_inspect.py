@@ -157,3 +157,15 @@ def test_bad_input_is_one_line_error(tmp_path, files, cli, make, reason):
     result = cli("inspect", make(tmp_path, files), ok=False)
     assert result.stderr.startswith("error: ") and result.stderr.count("\n") == 1 and reason in result.stderr
     assert isinstance(result.exception, SystemExit)
+
+
+def test_lora_says_which_loaders_apply_all_of_it(files, cli):
+    """The official kohya layout loads everywhere; a peft file is for diffusers only (ComfyUI drops its attention
+    modules and ignores the alpha in the adapter metadata)."""
+    kohya = json.loads(cli("inspect", files["kohya-diffusers"], "--json", ok=True).stdout)["lora"]["loaders"]
+    assert kohya["diffusers"]["complete"] and kohya["comfyui"]["complete"] and kohya["forge"]["complete"]
+    assert kohya["comfyui"]["alpha"] == "alpha/rank"
+    peft = json.loads(cli("inspect", files["peft"], "--json", ok=True).stdout)["lora"]["loaders"]
+    assert peft["diffusers"]["complete"] and not peft["comfyui"]["complete"]
+    assert peft["comfyui"]["dropped"] > 0 and peft["comfyui"]["alpha"] == "ignored"
+    assert "ComfyUI LoraLoader" in cli("inspect", files["peft"], ok=True).stdout
