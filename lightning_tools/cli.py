@@ -217,7 +217,7 @@ def _mention_stale(paths: Sequence[Path]) -> None:
     """A note for each folder around `paths` that holds partial outputs of runs that were killed."""
     from lightning_tools.outputs import human_size, stale_temps
 
-    folders = dict.fromkeys(f for p in paths for f in ((p, p.parent) if p.is_dir() else (p.parent,)))
+    folders = dict.fromkeys(f for p in paths for f in ((p, p.parent) if os.path.isdir(p) else (p.parent,)))
     for folder in folders:
         if stale := stale_temps(folder):
             names = ", ".join(s.path.name for s in stale[:3]) + (", ..." if len(stale) > 3 else "")

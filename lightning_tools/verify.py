@@ -17,6 +17,7 @@ from pathlib import Path
 from lightning_tools import catalog, hub, lora, support
 from lightning_tools import provenance as prov
 from lightning_tools.errors import UserError
+from lightning_tools.outputs import os_error
 from lightning_tools.report import Report
 from lightning_tools.sdxl import detect
 from lightning_tools.sdxl.vocabulary import COMPONENT_NAMES
@@ -80,11 +81,12 @@ def verify_paths(paths: Iterable[Path | str], *, deep: bool = False,
     reports: list[FileReport] = []
     for path in map(Path, paths):
         try:
-            units = _units(path)
-        except UserError as e:
-            reports.append(FileReport(str(path), problems=[_reason(e, path)]))
+            found = [_verify_unit(unit, component, deep, configs) for component, unit in _units(path)]
+        except (UserError, OSError) as e:  # a name too long, a file that cannot be read: this path fails
+            error = e if isinstance(e, UserError) else os_error(e, None if e.filename else path)
+            reports.append(FileReport(str(path), problems=[_reason(error, path)]))
             continue
-        reports += [_verify_unit(unit, component, deep, configs) for component, unit in units]
+        reports += found
     return VerifyReport(reports)
 
 

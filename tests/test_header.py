@@ -203,10 +203,11 @@ def test_what_safetensors_accepts_we_accept(real_file, tmp_path):
 
 def test_verify_reports_a_bad_file_and_goes_on(real_file, tmp_path, cli):
     bad = _make(real_file, tmp_path, dict((c[0], c[1]) for c in CORRUPT)["metadata a list"])  # AttributeError before
-    result = cli("verify", real_file, bad, tmp_path / "missing.safetensors", real_file)
+    too_long = tmp_path / ("x" * 300 + ".safetensors")  # an OSError (ENAMETOOLONG) before
+    result = cli("verify", real_file, bad, tmp_path / "missing.safetensors", too_long, real_file)
     line = assert_one_error(result)
-    assert result.output.count("OK    ") == 2 and result.output.count("FAIL  ") == 2
-    assert "2 of 4" in line
+    assert result.output.count("OK    ") == 2 and result.output.count("FAIL  ") == 3
+    assert "3 of 5" in line and "name too long" in result.output
 
 
 @pytest.mark.parametrize("alpha, fragment", [
