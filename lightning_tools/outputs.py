@@ -13,7 +13,6 @@ No torch import: `verify` and `inspect` use this module too.
 from __future__ import annotations
 
 import contextlib
-import ctypes
 import errno
 import fcntl
 import functools
@@ -198,6 +197,8 @@ _AT_FDCWD = -100
 
 @functools.cache
 def _renameat2():
+    import ctypes  # only when publishing: header-only commands never load it
+
     try:
         fn = ctypes.CDLL(None, use_errno=True).renameat2
     except (OSError, AttributeError, TypeError):
@@ -214,6 +215,8 @@ def _rename(src: Path, dst: Path, flags: int) -> bool:
         return False
     if fn(_AT_FDCWD, os.fsencode(src), _AT_FDCWD, os.fsencode(dst), flags) == 0:
         return True
+    import ctypes
+
     err = ctypes.get_errno()
     if err in (errno.EINVAL, errno.ENOSYS, errno.EOPNOTSUPP):
         return False
