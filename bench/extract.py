@@ -33,7 +33,8 @@ import torch
 sys.path.insert(0, str(Path(__file__).parent))
 from convert import size_of  # noqa: E402  (bench/convert.py)
 
-from lightning_tools.extract import lightning_targets, truncated_svd  # noqa: E402
+from lightning_tools.lora import lightning_targets  # noqa: E402
+from lightning_tools.lowrank import truncated_svd  # noqa: E402
 from lightning_tools.provenance import EXTRACT  # noqa: E402
 from lightning_tools.tensors import LazyTensor, TensorSource, read_header, write_tensors  # noqa: E402
 from lightning_tools.tiny import sdxl_unet_config  # noqa: E402

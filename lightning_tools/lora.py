@@ -642,18 +642,31 @@ def write_lora(modules: Iterable[LoraModule], out: Path | str, format: str = "ko
     """Write modules as a kohya file (diffusers module names, like the official Lightning files; every variant)
     or as a peft/diffusers file (`load_lora_weights` format; LoRA only, with DoRA and biases; alphas in
     diffusers' adapter metadata). Returns the data sha256. Weights are byte-copied from their source."""
-    modules = sorted(modules, key=lambda m: (LORA_COMPONENTS.index(m.component), m.module))
-    metadata = dict(metadata or {})
-    metadata.pop(PEFT_METADATA_KEY, None)
+    modules = in_file_order(modules)
+    metadata = {k: v for k, v in (metadata or {}).items() if k != PEFT_METADATA_KEY} | format_metadata(modules, format)
+    return write_file(out, lora_tensors(modules, format), metadata=provenance.with_data_hash(metadata),
+                      overwrite=overwrite)
+
+
+def in_file_order(modules: Iterable[LoraModule]) -> list[LoraModule]:
+    """Modules in the order LoRA files are written: by component, then module name."""
+    return sorted(modules, key=lambda m: (LORA_COMPONENTS.index(m.component), m.module))
+
+
+def lora_tensors(modules: list[LoraModule], format: str) -> dict[str, LazyTensor]:
+    """The tensors of a LoRA file of `format` (kohya or peft) holding `modules`, by key."""
     if format == "kohya":
-        tensors = _kohya_tensors(modules)
-    elif format == "peft":
-        tensors = _peft_tensors(modules)
-        if any(m.alpha is not None or m.dora or m.bias for m in modules):
-            metadata[PEFT_METADATA_KEY] = json.dumps(_peft_config(modules), indent=2, sort_keys=True)
-    else:
-        raise UserError(f"unknown LoRA format {format!r}; choose kohya or peft")
-    return write_file(out, tensors, metadata=provenance.with_data_hash(metadata), overwrite=overwrite)
+        return _kohya_tensors(modules)
+    if format == "peft":
+        return _peft_tensors(modules)
+    raise UserError(f"unknown LoRA format {format!r}; choose kohya or peft")
+
+
+def format_metadata(modules: list[LoraModule], format: str) -> dict[str, str]:
+    """What a format keeps in the metadata: peft's alphas, ranks and DoRA flags as diffusers saves them."""
+    if format == "peft" and any(m.alpha is not None or m.dora or m.bias for m in modules):
+        return {PEFT_METADATA_KEY: json.dumps(_peft_config(modules), indent=2, sort_keys=True)}
+    return {}
 
 
 def _kohya_tensors(modules: list[LoraModule]) -> dict[str, LazyTensor]:
@@ -758,13 +771,16 @@ def _peft_config(modules: list[LoraModule]) -> dict:
     return config
 
 
-def lightning_target_modules(unet: torch.nn.Module) -> list[tuple[str, torch.nn.Module]]:
-    """The UNet modules the official Lightning LoRAs adapt: 788 on SDXL (attention, proj, ff, resnet convs and
-    time projections, conv shortcuts, down/upsampler convs)."""
-    import torch
+# The UNet modules the official Lightning LoRAs adapt: linear and conv layers inside the blocks with these names.
+_LIGHTNING_LEAVES = ("to_q", "to_k", "to_v", "to_out.0", "proj_in", "proj_out", "ff.net.0.proj", "ff.net.2",
+                     "conv1", "conv2", "conv_shortcut", "time_emb_proj", "downsamplers.0.conv", "upsamplers.0.conv")
+_LIGHTNING_BLOCKS = ("down_blocks.", "up_blocks.", "mid_block.")
 
-    leaves = ("to_q", "to_k", "to_v", "to_out.0", "proj_in", "proj_out", "ff.net.0.proj", "ff.net.2",
-              "conv1", "conv2", "conv_shortcut", "time_emb_proj", "downsamplers.0.conv", "upsamplers.0.conv")
-    blocks = ("down_blocks.", "up_blocks.", "mid_block.")
-    return [(name, m) for name, m in unet.named_modules()
-            if name.startswith(blocks) and name.endswith(leaves) and isinstance(m, (torch.nn.Linear, torch.nn.Conv2d))]
+
+def lightning_targets(unet_config: Mapping) -> dict[str, tuple[int, ...]]:
+    """The modules the official Lightning LoRAs adapt, with their weight shapes, for a UNet of this config: 788
+    on SDXL (attention, projections, feed-forward, resnet convs and time projections, conv shortcuts, down- and
+    upsampler convs). From the weight shapes alone: linear (2-D) and conv (4-D) weights, never norms."""
+    return {key.removesuffix(".weight"): shape for key, shape in expected_shapes("unet", unet_config).items()
+            if key.endswith(".weight") and key.startswith(_LIGHTNING_BLOCKS) and len(shape) in (2, 4)
+            and key.removesuffix(".weight").endswith(_LIGHTNING_LEAVES)}

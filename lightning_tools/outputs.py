@@ -83,17 +83,6 @@ def temp_path(path: _PathLike) -> Path:
     return path.with_name(f".{name}{suffix}")
 
 
-@contextlib.contextmanager
-def scratch(beside: _PathLike) -> Iterator[Path]:
-    """A temporary path beside `beside` for intermediate data, removed on the way out (swept if the run dies)."""
-    tmp = temp_path(beside)
-    try:
-        yield tmp
-    finally:
-        with deferred_interrupts(), contextlib.suppress(OSError):
-            _remove(tmp)
-
-
 def check_containment(out: _PathLike, inputs: Iterable[_PathLike | None]) -> None:
     """Refuse an output that is, contains or lies inside an input (symlinks resolved): writing or replacing it
     would destroy what is being read."""

@@ -117,16 +117,20 @@ def drive(tensors: Mapping[str, LazyTensor], sink: Sink, *, desc: str = "") -> N
 @dataclass
 class FileSink:
     """One safetensors file at `path` (written under a temporary name, published when complete). `metadata` may
-    be a function of the data section's sha256 (see `tensors.SafetensorsWriter`)."""
+    be a function of the data section's sha256, and `room` reserves header bytes for what it adds at the end
+    (see `tensors.SafetensorsWriter`). A tensor whose value comes out None is left out of the file: a
+    computation may decide only when it runs that there is nothing to write (extract, for a module that did not
+    change)."""
 
     path: Path
     metadata: Metadata = field(default_factory=dict)
     overwrite: bool = False
+    room: int = 0
     sha256: str | None = None
 
     def open(self, tensors: Mapping[str, LazyTensor]) -> None:
         plan = [Planned(name, t.dtype, t.shape) for name, t in tensors.items()]
-        self._writer = SafetensorsWriter(self.path, plan, self.metadata, overwrite=self.overwrite)
+        self._writer = SafetensorsWriter(self.path, plan, self.metadata, overwrite=self.overwrite, room=self.room)
         self._writer.__enter__()
 
     def put(self, name: str, tensor: LazyTensor) -> None:
@@ -135,6 +139,9 @@ class FileSink:
             self._writer.copy(tensor.stored)
             return
         value = tensor.load()
+        if value is None:
+            self._writer.skip(name)
+            return
         if tuple(value.shape) != tensor.shape or dtypes.code_of(value.dtype) != tensor.dtype:
             raise ValueError(f"{name}: computed {value.dtype}{list(value.shape)}, planned "
                              f"{tensor.dtype}{list(tensor.shape)}")
@@ -205,9 +212,9 @@ class StateDictSink:
 
 
 def write_file(path: Path | str, tensors: Mapping[str, LazyTensor], *, metadata: Metadata | None = None,
-               dtype: str | None = None, overwrite: bool = False) -> str:
+               dtype: str | None = None, overwrite: bool = False, room: int = 0) -> str:
     """Stream `tensors` (floating ones cast to safetensors code `dtype`) into one file; the data's sha256."""
-    sink = FileSink(Path(path), metadata or {}, overwrite)
+    sink = FileSink(Path(path), metadata or {}, overwrite, room)
     drive(cast_all(tensors, dtype), sink, desc=Path(path).name)
     assert sink.sha256 is not None
     return sink.sha256

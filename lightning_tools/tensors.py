@@ -228,19 +228,22 @@ def atomic_output(path: Path | str, overwrite: bool = False) -> contextlib.Abstr
 class SafetensorsWriter:
     """Write a safetensors file tensor by tensor, in the planned order.
 
-    The header is written first from the plan. `metadata` may be a function of the sha256 of the data section:
-    it is called with 64 zeros for the first header and with the real hash at the end, and the final header
-    is written over the first (it must not be longer). So a file can carry its own data hash while this I/O
-    layer knows nothing of what the keys mean. Use as a context manager on a path from `atomic_output`, or on
-    a final path (it then writes to a temporary name itself).
+    The header is written first from the plan and rewritten at the end, when it may say more than was known at
+    the start: `metadata` may be a function of the sha256 of the data section (called with 64 zeros for the
+    first header and with the real hash at the end), so a file can carry its own data hash, or a report known
+    only when the data is written, while this I/O layer knows nothing of what the keys mean; and planned tensors
+    may be left out (`skip`). The final header must fit in the first one plus `room` bytes. Use as a context
+    manager on a path from `atomic_output`, or on a final path (it then writes to a temporary name itself).
     Stored tensors copied unchanged (`copy`) move inside the kernel with copy_file_range, as `cp` does, where
     the OS and filesystems allow it.
     """
 
     def __init__(self, path: Path | str, plan: Sequence[Planned], metadata: Metadata | None = None,
-                 overwrite: bool = False):
+                 overwrite: bool = False, room: int = 0):
         self.path = Path(path)
         self.plan = list(plan)
+        self.room = room
+        self._skipped: set[str] = set()
         self._metadata_of = metadata if callable(metadata) else None
         self.metadata = self._metadata("0" * 64) if callable(metadata) else dict(metadata or {})
         self.overwrite = overwrite
@@ -253,11 +256,14 @@ class SafetensorsWriter:
     def _metadata(self, sha256: str) -> dict[str, str]:
         return {k: str(v) for k, v in self._metadata_of(sha256).items()}
 
+    def _written(self) -> list[Planned]:
+        return [p for p in self.plan if p.name not in self._skipped]
+
     def _header(self, room: int = 0) -> bytes:
         """The header JSON padded with spaces to a multiple of 8 bytes, and to at least `room` bytes."""
         header: dict[str, object] = {"__metadata__": self.metadata} if self.metadata else {}
         offset = 0
-        for p in self.plan:
+        for p in self._written():
             header[p.name] = {"dtype": p.dtype, "shape": list(p.shape), "data_offsets": [offset, offset + p.nbytes]}
             offset += p.nbytes
         raw = json.dumps(header, separators=(",", ":")).encode()
@@ -271,6 +277,7 @@ class SafetensorsWriter:
         if unknown := [p for p in self.plan if p.dtype not in dtypes.ITEM_SIZE]:
             raise ValueError(f"{unknown[0].name}: planned dtype {unknown[0].dtype!r} is not one the format holds")
         header = self._checked(self._header())
+        header = self._header(len(header) + self.room)
         self._header_len = len(header)
         self._atomic = atomic_output(self.path, self.overwrite)
         self._tmp = self._atomic.__enter__()
@@ -290,7 +297,7 @@ class SafetensorsWriter:
         """The header, after the reader's own validation: what it would refuse is never written."""
         try:
             parse_header(struct.pack("<Q", len(header)) + header,
-                         8 + len(header) + sum(p.nbytes for p in self.plan), path=self.path)
+                         8 + len(header) + sum(p.nbytes for p in self._written()), path=self.path)
         except UserError as e:
             raise ValueError(f"refusing to write a header the reader refuses: {e.message}") from None
         return header
@@ -308,6 +315,14 @@ class SafetensorsWriter:
         if self._pending != planned.nbytes:
             raise ValueError(f"{name}: wrote {self._pending} bytes, planned {planned.nbytes}")
         self._pending = 0
+        self._next += 1
+
+    def skip(self, name: str) -> None:
+        """Leave the next planned tensor out of the file (its header entry goes; its room stays as padding)."""
+        planned = self.plan[self._next]
+        if name != planned.name:
+            raise ValueError(f"expected tensor {planned.name!r} next, got {name!r}")
+        self._skipped.add(name)
         self._next += 1
 
     def write_bytes(self, chunk: bytes | memoryview) -> None:
@@ -376,8 +391,9 @@ class SafetensorsWriter:
                 raise ValueError(f"writer closed after {self._next} of {len(self.plan)} tensors (next: {missing})")
             if exc_type is None:
                 self.sha256 = self._hasher.hexdigest()
-                if self._metadata_of is not None:
-                    self.metadata = self._metadata(self.sha256)
+                if self._metadata_of is not None or self._skipped:
+                    if self._metadata_of is not None:
+                        self.metadata = self._metadata(self.sha256)
                     header = self._checked(self._header(self._header_len))
                     if len(header) != self._header_len:
                         raise ValueError(f"final metadata needs {len(header)} header bytes, {self._header_len} "

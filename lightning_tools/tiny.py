@@ -14,7 +14,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import save_file
 
-from lightning_tools.lora import lightning_target_modules
+from lightning_tools.lora import lightning_targets
 from lightning_tools.progress import library_bars_off
 
 # SDXL's CLIP tokenizers pad differently: CLIP-L with <|endoftext|>, OpenCLIP bigG with "!".
@@ -175,19 +175,14 @@ def _randomize(model: torch.nn.Module) -> None:
 def make_lightning_lora(unet_config: dict, rank: int = 4, alpha: float | None = None, seed: int = 0,
                         dtype: torch.dtype = torch.float16, scale: float = 0.05) -> dict[str, torch.Tensor]:
     """A random LoRA in the official Lightning format: kohya keys with diffusers module names."""
-    from diffusers import UNet2DConditionModel
-
-    with torch.device("meta"):
-        unet = UNet2DConditionModel(**unet_config)
     gen = torch.Generator().manual_seed(seed)
     out: dict[str, torch.Tensor] = {}
-    for name, module in lightning_target_modules(unet):
+    for name, shape in lightning_targets(unet_config).items():
         key = "lora_unet_" + name.replace(".", "_")
-        if isinstance(module, torch.nn.Conv2d):
-            k = module.kernel_size
-            down_shape, up_shape = (rank, module.in_channels, *k), (module.out_channels, rank, 1, 1)
+        if len(shape) == 4:
+            down_shape, up_shape = (rank, *shape[1:]), (shape[0], rank, 1, 1)
         else:
-            down_shape, up_shape = (rank, module.in_features), (module.out_features, rank)
+            down_shape, up_shape = (rank, shape[1]), (shape[0], rank)
         out[key + ".lora_down.weight"] = (torch.randn(down_shape, generator=gen) * scale).to(dtype)
         out[key + ".lora_up.weight"] = (torch.randn(up_shape, generator=gen) * scale).to(dtype)
         out[key + ".alpha"] = torch.tensor(float(alpha if alpha is not None else rank), dtype=dtype)

@@ -15,7 +15,7 @@ from safetensors.torch import save_file
 
 from lightning_tools.sdxl.keys import unet_names
 from lightning_tools.tensors import TensorSource
-from lightning_tools.lora import lightning_target_modules
+from lightning_tools.lora import lightning_targets
 from lightning_tools.tiny import make_lightning_lora
 
 TE_LEAVES = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.out_proj", "mlp.fc1", "mlp.fc2")
@@ -53,13 +53,9 @@ def kohya_te_lora(pipeline: Path, rank: int = 4, alpha: float = 2.0, seed: int =
 def to_single_file_names(lora: dict, config: dict) -> dict:
     """Rename kohya UNet keys from diffusers module names to single-file (sgm) ones, as kohya's SDXL trainer
     writes them (`lora_unet_input_blocks_4_1_...`)."""
-    from diffusers import UNet2DConditionModel
-
-    with torch.device("meta"):
-        unet = UNet2DConditionModel(**config)
     to_single = unet_names(config).to_single
     renames = {"lora_unet_" + name.replace(".", "_"): "lora_unet_" + to_single(name).replace(".", "_")
-               for name, _ in lightning_target_modules(unet)}
+               for name in lightning_targets(config)}
     out = {}
     for key, value in lora.items():
         stem, _, part = key.partition(".")

@@ -14,8 +14,9 @@ from click.testing import CliRunner
 from lightning_tools import provenance as meta
 from lightning_tools.cli import main
 from lightning_tools.errors import UserError
-from lightning_tools.extract import (ModuleReport, clamp_at_quantile, extract_lora, factorize,
-                                     lightning_targets, overall)
+from lightning_tools.extract import extract_lora
+from lightning_tools.lora import lightning_targets
+from lightning_tools.lowrank import ModuleReport, clamp_at_quantile, factorize, overall
 from lightning_tools.lora import read_lora
 from lightning_tools.stream import LazyTensor, write_file
 from lightning_tools.tensors import SafetensorsFile, TensorSource, hash_file, read_header
@@ -63,7 +64,7 @@ def exact(tiny_pipeline, tuned_unet, tmp_path_factory):
     """Extracted at the true rank in fp32, with a conv rank larger than any 3x3 conv allows."""
     out = tmp_path_factory.mktemp("exact") / "exact_lora.safetensors"
     report = extract_lora(tiny_pipeline, tuned_unet, out, rank=TRUE_RANK, conv_rank=1000, dtype="fp32")
-    return out, report
+    return out, report.to_json()
 
 
 @pytest.fixture(scope="module")

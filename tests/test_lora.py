@@ -204,14 +204,18 @@ def test_bad_lora_files_are_refused(tiny_pipeline, tmp_path, keys, message):
 
 
 def test_the_lightning_target_set_on_sdxl_is_the_official_788_modules():
+    """Read from the bundled shapes; the oracle is diffusers' own UNet: its Linear and Conv2d layers there."""
     from diffusers import UNet2DConditionModel
 
-    from lightning_tools.lora import lightning_target_modules
+    from lightning_tools.lora import lightning_targets
     from lightning_tools.tiny import sdxl_unet_config
 
+    names = lightning_targets(sdxl_unet_config())
     with torch.device("meta"):
         unet = UNet2DConditionModel(**sdxl_unet_config())
-    names = [name for name, _ in lightning_target_modules(unet)]
+    layers = {name: tuple(m.weight.shape) for name, m in unet.named_modules()
+              if isinstance(m, (torch.nn.Linear, torch.nn.Conv2d))}
+    assert all(layers[name] == shape for name, shape in names.items())
     assert len(names) == 788  # the official LoRA files' module count
     assert "down_blocks.1.attentions.0.transformer_blocks.0.attn1.to_q" in names
     assert "up_blocks.0.upsamplers.0.conv" in names and "conv_in" not in names
