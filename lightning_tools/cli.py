@@ -104,42 +104,54 @@ def main(debug: bool, verbose: bool) -> None:
 
 # --- catalog / fetch --------------------------------------------------------------------------------------------
 _steps_option = click.option("--steps", "steps", type=int, multiple=True,
-                             help="Inference steps (1, 2, 4, 8); repeatable.")
+                             help="Inference steps the file was distilled for (Lightning: 1, 2, 4, 8); repeatable.")
 _kind_option = click.option("--kind", "kinds", type=click.Choice(["unet", "lora", "full"]), multiple=True,
-                            help="unet = diffusers UNet, lora, full = ComfyUI all-in-one checkpoint; repeatable.")
+                            help="unet = UNet only, lora, full = ComfyUI all-in-one checkpoint; repeatable.")
 
 
 @main.command("catalog")
+@click.option("--family", default=None, metavar="NAME",
+              help="One few-step family (lightning, hyper_sd, dmd2, tcd, pcm, lcm_lora, sdxl_turbo); default: all.")
 @_steps_option
 @_kind_option
 @json_option
-def catalog_command(steps: tuple[int, ...], kinds: tuple[str, ...], as_json: bool) -> Report:
-    """List the official SDXL-Lightning files with their hashes and recommended settings."""
+def catalog_command(family: str | None, steps: tuple[int, ...], kinds: tuple[str, ...], as_json: bool) -> Report:
+    """List the few-step SDXL families' files with hashes, licences and the sampling profile of each."""
     from lightning_tools import catalog
 
-    return emit(catalog.listing(steps, kinds), as_json)
+    return emit(catalog.listing(family, steps=steps, kinds=kinds), as_json)
 
 
 @main.command("fetch")
+@click.option("--family", default="lightning", show_default=True, metavar="NAME",
+              help="Which family's files (`lightning-tools catalog` lists them).")
 @_steps_option
 @_kind_option
-@click.option("--all", "fetch_all", is_flag=True, help="Every official file (about 60 GB).")
+@click.option("--variant", default=None, metavar="NAME",
+              help="Where a family has several files for the same steps and kind (fp32, cfg, normalcfg, pickle...); "
+                   "default: the default one.")
+@click.option("--all", "fetch_all", is_flag=True, help="Every file of the family (with --steps/--kind: every "
+              "matching one), every variant (all of SDXL-Lightning: about 60 GB).")
 @click.option("--dest", type=click.Path(file_okay=False, path_type=Path),
               help="Copy the verified files into this folder (default: leave them in the hub cache).")
-@click.option("--repo-id", default=None, help="Fetch from a mirror instead of ByteDance/SDXL-Lightning.")
+@click.option("--repo-id", default=None, help="Fetch from a mirror instead of the family's own repo.")
 @click.option("--revision", default=None, help="Branch, tag or commit (default: the pinned commit; main for mirrors).")
 @overwrite_option
 @json_option
-def fetch_command(steps: tuple[int, ...], kinds: tuple[str, ...], fetch_all: bool, dest: Path | None,
-                  repo_id: str | None, revision: str | None, overwrite: bool, as_json: bool) -> Report:
-    """Download official files and verify their sha256; prints the local path of each."""
+def fetch_command(family: str, steps: tuple[int, ...], kinds: tuple[str, ...], variant: str | None, fetch_all: bool,
+                  dest: Path | None, repo_id: str | None, revision: str | None, overwrite: bool,
+                  as_json: bool) -> Report:
+    """Download a family's files and verify their sha256; prints the local path of each."""
     from lightning_tools import catalog, hub
+    from lightning_tools.families import family as find_family
 
     if not (steps or kinds or fetch_all):
         raise UsageError("say what to fetch: --steps N and/or --kind unet|lora|full (or --all); "
                          "`lightning-tools catalog` lists the files")
-    report = hub.fetch(catalog.select(steps, kinds), dest=dest, repo_id=repo_id or catalog.REPO_ID,
-                       revision=revision, overwrite=overwrite)
+    chosen = find_family(family)
+    files = chosen.select(steps, kinds) if fetch_all else catalog.select(chosen, steps=steps, kinds=kinds,
+                                                                         variant=variant)
+    report = hub.fetch(files, dest=dest, repo_id=repo_id, revision=revision, overwrite=overwrite)
     if not as_json:
         for line in report.notes():
             click.echo(line, err=True)
