@@ -299,17 +299,24 @@ def extract_command(base: Path, tuned: Path, rank: int, conv_rank: int | None, o
                    "VAE and text encoders.")
 @click.option("--config", type=click.Path(path_type=Path, file_okay=False),
               help="Diffusers SDXL folder with configs and tokenizers, for an all-in-one file.")
+@click.option("--family", default=None, metavar="NAME",
+              help="Sample MODEL as this few-step family (lightning, hyper_sd, dmd2, tcd, pcm, lcm_lora, sdxl_turbo) "
+                   "when nothing in it says so; the profile follows --steps (`lightning-tools catalog` lists them).")
+@click.option("--profile", default=None, metavar="NAME",
+              help="The family's sampling profile by name (e.g. ddim-trailing-cfg), instead of the one --steps picks.")
 @click.option("--steps", type=click.IntRange(min=1), help="Override the checkpoint's step count.")
 @click.option("--prediction-type", type=click.Choice(["epsilon", "sample"]),
               help="Override the checkpoint's prediction type (sample = the 1-step x0 model).")
-@click.option("--guidance-scale", type=float, help="Override the guidance scale (Lightning: 0, no CFG).")
+@click.option("--guidance-scale", type=float, help="Override the profile's guidance scale (Lightning: 0, no CFG).")
+@click.option("--lora-strength", type=float,
+              help="Strength a LoRA MODEL is merged into --base at (default: its profile's recommendation).")
 @click.option("--prompt", "prompts", multiple=True, help="A prompt; repeat for several. Default: a fixed set.")
 @click.option("--prompts", "prompts_file", type=click.Path(dir_okay=False, path_type=Path),
               help="File with one prompt per line.")
 @click.option("--seed", "seeds", type=int, multiple=True, help="Seed; repeat for several (default 0). Every "
               "prompt is rendered with every seed.")
-@click.option("--height", type=int, default=1024, show_default=True)
-@click.option("--width", type=int, default=1024, show_default=True)
+@click.option("--height", type=int, help="Default: the profile's resolution (1024; SDXL-Turbo 512).")
+@click.option("--width", type=int, help="Default: the profile's resolution (1024; SDXL-Turbo 512).")
 @click.option("--batch-size", type=click.IntRange(min=1), default=1, show_default=True)
 @click.option("--device", default="cuda", show_default=True, help="cuda, cuda:N or cpu.")
 @click.option("--dtype", type=click.Choice(["fp16", "bf16", "fp32"]), help="Default: fp16 on CUDA, fp32 on CPU.")
@@ -325,23 +332,29 @@ def extract_command(base: Path, tuned: Path, rank: int, conv_rank: int | None, o
 @click.option("--print-comfyui", is_flag=True, help="Print the ComfyUI equivalent settings instead of rendering.")
 @overwrite_option
 @json_option
-def render_command(model: Path, base: Path | None, config: Path | None, steps: int | None,
-                   prediction_type: str | None, guidance_scale: float | None, prompts: tuple[str, ...],
-                   prompts_file: Path | None, seeds: tuple[int, ...], height: int, width: int, batch_size: int,
+def render_command(model: Path, base: Path | None, config: Path | None, family: str | None, profile: str | None,
+                   steps: int | None, prediction_type: str | None, guidance_scale: float | None,
+                   lora_strength: float | None, prompts: tuple[str, ...],
+                   prompts_file: Path | None, seeds: tuple[int, ...], height: int | None, width: int | None,
+                   batch_size: int,
                    device: str, dtype: str | None, out: Path | None, reference: Path | None, max_diff: float | None,
                    channels_last: bool, compile_unet: bool, comfyui_workflow: Path | None, print_comfyui: bool,
                    overwrite: bool, as_json: bool) -> Report:
-    """Render validation images of MODEL with the settings it was distilled for, check them, write a report.
+    """Render validation images of MODEL with the sampling profile it was distilled for, check them, write a report.
 
     Exits 3 when an image fails a check (NaN/Inf, blank, out of range, too far from --reference)."""
     from lightning_tools.render.plan import plan as plan_render
 
     if prompts and prompts_file:
         raise UsageError("--prompt and --prompts: give one or the other")
+    plan = plan_render(model, base=base, config=config, steps=steps, prediction_type=prediction_type,
+                       guidance_scale=guidance_scale, family=family, profile=profile,
+                       lora_strength=lora_strength)  # headers only: fast
+    default_width, default_height = plan.settings.profile.resolution
+    height = default_height if height is None else height
+    width = default_width if width is None else width
     if height % 8 or width % 8 or height < 8 or width < 8:
         raise UsageError(f"--height {height} --width {width}: both must be positive multiples of 8")
-    plan = plan_render(model, base=base, config=config, steps=steps, prediction_type=prediction_type,
-                       guidance_scale=guidance_scale)  # headers only: fast
     comfy_mode = print_comfyui or comfyui_workflow is not None
     if not comfy_mode:  # whatever would fail later fails now, in one line, before the warnings
         from lightning_tools.render import run
