@@ -242,18 +242,22 @@ def convert_command(src: Path, to: str, out: Path, config_dir: Path | None, base
 @_config_option
 @click.option("--allow-unmatched", is_flag=True,
               help="Skip LoRA modules that fit no base weight (with a warning) instead of refusing.")
+@click.option("--allow-stacking", is_flag=True,
+              help="Merge two few-step accelerators (say a Lightning and a Hyper-SD LoRA, or one into an already "
+                   "distilled base) instead of refusing.")
 @click.option("--dry-run", is_flag=True, help="Print the plan (matches, output layout and size); write nothing.")
 @overwrite_option
 @json_option
 def merge_command(base: Path, loras: tuple[Path, ...], strengths: tuple[float, ...], out: Path, to: str | None,
                   dtype: str | None, compute_dtype: str, device: str, config_dir: Path | None,
-                  allow_unmatched: bool, dry_run: bool, overwrite: bool, as_json: bool) -> Report:
+                  allow_unmatched: bool, allow_stacking: bool, dry_run: bool, overwrite: bool,
+                  as_json: bool) -> Report:
     """Bake LoRAs (a Lightning LoRA, say) into an SDXL base at chosen strengths, streaming."""
     from lightning_tools.merge import merge
 
     report = merge(base, loras, out, strengths=strengths, to=to, dtype=dtype, compute_dtype=compute_dtype,
-                   device=device, allow_unmatched=allow_unmatched, dry_run=dry_run, overwrite=overwrite,
-                   config_dir=config_dir)
+                   device=device, allow_unmatched=allow_unmatched, allow_stacking=allow_stacking, dry_run=dry_run,
+                   overwrite=overwrite, config_dir=config_dir)
     if report.unmatched_modules:
         click.echo(f"warning: skipped {len(report.unmatched_modules)} LoRA modules that fit no base weight "
                    f"(e.g. {report.unmatched_modules[0]})", err=True)
