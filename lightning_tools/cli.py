@@ -436,6 +436,12 @@ def demo(ctx: click.Context, folder: Path, as_json: bool) -> None:
 @click.option("--validation", type=click.Path(file_okay=False, path_type=Path),
               help="A `lightning-tools render` output folder: its contact sheet goes into the card.")
 @click.option("--steps", type=int, help="Step count, when the model's metadata and name do not say.")
+@click.option("--family", default=None, metavar="NAME",
+              help="The few-step family it samples as, when its metadata and name do not say (default: "
+                   "SDXL-Lightning); `lightning-tools catalog` lists them.")
+@click.option("--licence", "--license", "licence", default=None, metavar="ID",
+              help="The card's licence (a hub licence id); default: the family's. Needed to publish a model made "
+                   "from a non-commercial family (DMD2, SDXL-Turbo) under another licence.")
 @click.option("--base-model", "base_models", multiple=True,
               help="Hub id of the SDXL base it was merged into, for the card's base_model; repeatable.")
 @_config_option
@@ -445,13 +451,15 @@ def demo(ctx: click.Context, folder: Path, as_json: bool) -> None:
 @overwrite_option
 @json_option
 def publish_command(src: Path, repo_id: str, private: bool, revision: str, validation: Path | None,
-                    steps: int | None, base_models: tuple[str, ...], config_dir: Path | None, dry_run: bool,
-                    card: Path | None, overwrite: bool, as_json: bool) -> Report:
+                    steps: int | None, family: str | None, licence: str | None, base_models: tuple[str, ...],
+                    config_dir: Path | None, dry_run: bool, card: Path | None, overwrite: bool,
+                    as_json: bool) -> Report:
     """Verify a checkpoint, write its model card and upload both to the hub in one commit."""
     from lightning_tools import publish
 
     plan = publish.plan_publish(src, repo_id, revision=revision, private=private, validation=validation,
-                                steps=steps, base_models=base_models, config_dir=config_dir)
+                                steps=steps, family=family, licence=licence, base_models=base_models,
+                                config_dir=config_dir)
     if dry_run:
         card = card or Path(f"{repo_id.split('/')[-1]}.README.md").absolute()
         return emit(publish.write_card(plan, card, overwrite=overwrite), as_json)
