@@ -123,8 +123,8 @@ def catalog_command(family: str | None, steps: tuple[int, ...], kinds: tuple[str
 
 
 @main.command("fetch")
-@click.option("--family", default="lightning", show_default=True, metavar="NAME",
-              help="Which family's files (`lightning-tools catalog` lists them).")
+@click.option("--family", default=None, metavar="NAME",
+              help="Which family's files (default: lightning; `lightning-tools catalog` lists them).")
 @_steps_option
 @_kind_option
 @click.option("--variant", default=None, metavar="NAME",
@@ -138,17 +138,18 @@ def catalog_command(family: str | None, steps: tuple[int, ...], kinds: tuple[str
 @click.option("--revision", default=None, help="Branch, tag or commit (default: the pinned commit; main for mirrors).")
 @overwrite_option
 @json_option
-def fetch_command(family: str, steps: tuple[int, ...], kinds: tuple[str, ...], variant: str | None, fetch_all: bool,
+def fetch_command(family: str | None, steps: tuple[int, ...], kinds: tuple[str, ...], variant: str | None, fetch_all: bool,
                   dest: Path | None, repo_id: str | None, revision: str | None, overwrite: bool,
                   as_json: bool) -> Report:
     """Download a family's files and verify their sha256; prints the local path of each."""
     from lightning_tools import catalog, hub
     from lightning_tools.families import family as find_family
+    from lightning_tools.sampling import DEFAULT_FAMILY
 
     if not (steps or kinds or fetch_all):
         raise UsageError("say what to fetch: --steps N and/or --kind unet|lora|full (or --all); "
                          "`lightning-tools catalog` lists the files")
-    chosen = find_family(family)
+    chosen = find_family(family or DEFAULT_FAMILY)
     files = chosen.select(steps, kinds) if fetch_all else catalog.select(chosen, steps=steps, kinds=kinds,
                                                                          variant=variant)
     report = hub.fetch(files, dest=dest, repo_id=repo_id, revision=revision, overwrite=overwrite)

@@ -23,7 +23,7 @@ from lightning_tools import hub, progress
 from lightning_tools import provenance as meta
 from lightning_tools.errors import UserError
 from lightning_tools.report import Report
-from lightning_tools.sampling import Sampling, for_family
+from lightning_tools.sampling import DEFAULT_FAMILY, Sampling, for_family
 from lightning_tools.sdxl import SDXL_BASE_REPO
 from lightning_tools.sdxl.detect import detect
 from lightning_tools.sdxl.vocabulary import LAYOUTS
@@ -152,7 +152,8 @@ def _settings(src: Path, layout: str, metadata: dict[str, str], sha256: str | No
                             "file, no _Nstep in the name); pass --steps N, and --family NAME if it is not "
                             "SDXL-Lightning")
         return found
-    chosen = fams.family(family) if family is not None else found[0].family if found else fams.family("lightning")
+    chosen = fams.family(family) if family is not None else found[0].family if found else \
+        fams.family(DEFAULT_FAMILY)
     said = " ".join(filter(None, [f"--family {chosen.name}" if family else "", f"--steps {steps}" if steps else ""]))
     if steps is None and found and found[0].profile.family == chosen.name:
         return found  # --family naming the model's own family changes nothing
@@ -338,6 +339,12 @@ def _call_arguments(s: Sampling) -> list[str]:
     return [f"{k}={v:g}" if isinstance(v, float) else f"{k}={v}" for k, v in s.pipeline_kwargs().items()]
 
 
+def _source_link(source: str) -> str:
+    """A profile's source ("URL (what it says)") as a Markdown link where it starts with one."""
+    url, _, rest = source.partition(" ")
+    return f"[{url}]({url}) {rest}".rstrip() if url.startswith("https://") else source
+
+
 def _settings_table(layout: str, s: Sampling, source: str) -> list[str]:
     comfy, p = s.comfyui(), s.profile
     steps = f"`timesteps={list(p.timesteps)}` (exactly these)" if p.timesteps is not None else \
@@ -348,7 +355,7 @@ def _settings_table(layout: str, s: Sampling, source: str) -> list[str]:
     cfg = "(no classifier-free guidance)" if s.guidance_scale <= 1 else \
         "(classifier-free guidance: negative prompts work)"
     rows = ["## Recommended settings", "",
-            f"Sampling profile `{p.name}` of {s.family.title} ([source]({p.source.split(' ')[0]})).", "",
+            f"Sampling profile `{p.name}` of {s.family.title} (source: {_source_link(p.source)}).", "",
             "| | diffusers | ComfyUI |", "|---|---|---|",
             f"| steps | {steps} | steps {comfy['steps']} |",
             f"| sampler | `{p.scheduler}`{scheduler} | {comfy_sampler} |",

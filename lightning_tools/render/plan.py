@@ -16,7 +16,7 @@ from lightning_tools import hub, lora, support
 from lightning_tools import provenance as prov
 from lightning_tools.errors import UsageError, UserError
 from lightning_tools.families import family as find_family
-from lightning_tools.sampling import DEFAULT_STEPS, Sampling, for_family, lightning
+from lightning_tools.sampling import DEFAULT_FAMILY, DEFAULT_STEPS, Sampling, for_family, lightning
 from lightning_tools.sdxl import detect
 
 
@@ -104,7 +104,7 @@ def plan(model: Path | str, *, base: Path | str | None = None, config: Path | st
     warnings: list[str] = []
     if family is not None or profile is not None:
         chosen = find_family(family) if family is not None else ckpt.family if ckpt is not None else \
-            find_family("lightning")
+            find_family(DEFAULT_FAMILY)
         named = for_family(chosen, kind="model" if m.kind in ("diffusers", "single-file") else m.kind,
                            steps=steps, profile=profile)
         said = " ".join(filter(None, [f"--family {family}" if family else "",
