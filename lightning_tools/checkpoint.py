@@ -216,7 +216,7 @@ def _write_folder(ckpt: Checkpoint, out: Path, dtype: str | None, metadata: dict
         for relative, source in files.items():
             (tmp / relative).parent.mkdir(parents=True, exist_ok=True)
             shutil.copyfile(source, tmp / relative)
-        _write_lightning_scheduler(tmp / "scheduler" / "scheduler_config.json", metadata)
+        _write_lightning_scheduler(tmp, metadata)
         for c in COMPONENT_NAMES:
             folder = tmp / c
             folder.mkdir(exist_ok=True)
@@ -230,13 +230,21 @@ def _write_folder(ckpt: Checkpoint, out: Path, dtype: str | None, metadata: dict
     return Written(out, "diffusers", sum(len(t) for t in prepared.values()), size, shas, roots)
 
 
-def _write_lightning_scheduler(path: Path, metadata: Mapping[str, str]) -> None:
-    """A Lightning model's folder gets its sampler (Euler, trailing, its prediction type) in scheduler_config,
-    so a plain `from_pretrained` samples it correctly; other models keep the copied config."""
+def _write_lightning_scheduler(folder: Path, metadata: Mapping[str, str]) -> None:
+    """A few-step model's folder gets its family's scheduler (the class in model_index.json, which is what
+    `from_pretrained` instantiates, and the config), so a plain `from_pretrained` samples it correctly; other
+    models keep the copied ones. Explicit timesteps (DMD2, Hyper-SD's 1-step UNet) still go to the pipeline call."""
     settings = provenance.settings_from_metadata(metadata)
+    path = folder / "scheduler" / "scheduler_config.json"
     if settings is None or not path.is_file():
         return
-    path.write_text(json.dumps(settings.scheduler_config(json.loads(path.read_text())), indent=2) + "\n")
+    config = settings.scheduler_config(json.loads(path.read_text()))
+    path.write_text(json.dumps(config, indent=2) + "\n")
+    index_path = folder / "model_index.json"
+    index = json.loads(index_path.read_text()) if index_path.is_file() else {}
+    if isinstance(index.get("scheduler"), list):
+        index["scheduler"] = [index["scheduler"][0], config["_class_name"]]
+        index_path.write_text(json.dumps(index, indent=2) + "\n")
 
 
 def installed_names(component: str, tensors: Mapping[str, LazyTensor], config: Mapping) -> dict[str, LazyTensor]:

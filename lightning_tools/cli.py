@@ -134,42 +134,55 @@ def main(debug: bool, verbose: bool) -> None:
 
 # --- catalog / fetch --------------------------------------------------------------------------------------------
 _steps_option = click.option("--steps", "steps", type=int, multiple=True,
-                             help="Inference steps (1, 2, 4, 8); repeatable.")
+                             help="Inference steps the file was distilled for (Lightning: 1, 2, 4, 8); repeatable.")
 _kind_option = click.option("--kind", "kinds", type=click.Choice(["unet", "lora", "full"]), multiple=True,
-                            help="unet = diffusers UNet, lora, full = ComfyUI all-in-one checkpoint; repeatable.")
+                            help="unet = UNet only, lora, full = ComfyUI all-in-one checkpoint; repeatable.")
 
 
 @main.command("catalog")
+@click.option("--family", default=None, metavar="NAME",
+              help="One few-step family (lightning, hyper_sd, dmd2, tcd, pcm, lcm_lora, sdxl_turbo); default: all.")
 @_steps_option
 @_kind_option
 @json_option
-def catalog_command(steps: tuple[int, ...], kinds: tuple[str, ...], as_json: bool) -> Report:
-    """List the official SDXL-Lightning files with their hashes and recommended settings."""
+def catalog_command(family: str | None, steps: tuple[int, ...], kinds: tuple[str, ...], as_json: bool) -> Report:
+    """List the few-step SDXL families' files with hashes, licences and the sampling profile of each."""
     from lightning_tools import catalog
 
-    return emit(catalog.listing(steps, kinds), as_json)
+    return emit(catalog.listing(family, steps=steps, kinds=kinds), as_json)
 
 
 @main.command("fetch")
+@click.option("--family", default=None, metavar="NAME",
+              help="Which family's files (default: lightning; `lightning-tools catalog` lists them).")
 @_steps_option
 @_kind_option
-@click.option("--all", "fetch_all", is_flag=True, help="Every official file (about 60 GB).")
+@click.option("--variant", default=None, metavar="NAME",
+              help="Where a family has several files for the same steps and kind (fp32, cfg, normalcfg, pickle...); "
+                   "default: the default one.")
+@click.option("--all", "fetch_all", is_flag=True, help="Every file of the family (with --steps/--kind: every "
+              "matching one), every variant (all of SDXL-Lightning: about 60 GB).")
 @click.option("--dest", type=click.Path(file_okay=False, path_type=Path),
               help="Copy the verified files into this folder (default: leave them in the hub cache).")
-@click.option("--repo-id", default=None, help="Fetch from a mirror instead of ByteDance/SDXL-Lightning.")
+@click.option("--repo-id", default=None, help="Fetch from a mirror instead of the family's own repo.")
 @click.option("--revision", default=None, help="Branch, tag or commit (default: the pinned commit; main for mirrors).")
 @overwrite_option
 @json_option
-def fetch_command(steps: tuple[int, ...], kinds: tuple[str, ...], fetch_all: bool, dest: Path | None,
-                  repo_id: str | None, revision: str | None, overwrite: bool, as_json: bool) -> Report:
-    """Download official files and verify their sha256; prints the local path of each."""
+def fetch_command(family: str | None, steps: tuple[int, ...], kinds: tuple[str, ...], variant: str | None, fetch_all: bool,
+                  dest: Path | None, repo_id: str | None, revision: str | None, overwrite: bool,
+                  as_json: bool) -> Report:
+    """Download a family's files and verify their sha256; prints the local path of each."""
     from lightning_tools import catalog, hub
+    from lightning_tools.families import family as find_family
+    from lightning_tools.sampling import DEFAULT_FAMILY
 
     if not (steps or kinds or fetch_all):
         raise UsageError("say what to fetch: --steps N and/or --kind unet|lora|full (or --all); "
                          "`lightning-tools catalog` lists the files")
-    report = hub.fetch(catalog.select(steps, kinds), dest=dest, repo_id=repo_id or catalog.REPO_ID,
-                       revision=revision, overwrite=overwrite)
+    chosen = find_family(family or DEFAULT_FAMILY)
+    files = chosen.select(steps, kinds) if fetch_all else catalog.select(chosen, steps=steps, kinds=kinds,
+                                                                         variant=variant)
+    report = hub.fetch(files, dest=dest, repo_id=repo_id, revision=revision, overwrite=overwrite)
     if not as_json:
         for line in report.notes():
             click.echo(line, err=True)
@@ -276,18 +289,22 @@ def convert_command(src: Path, to: str, out: Path, config_dir: Path | None, base
 @_config_option
 @click.option("--allow-unmatched", is_flag=True,
               help="Skip LoRA modules that fit no base weight (with a warning) instead of refusing.")
+@click.option("--allow-stacking", is_flag=True,
+              help="Merge two few-step accelerators (say a Lightning and a Hyper-SD LoRA, or one into an already "
+                   "distilled base) instead of refusing.")
 @click.option("--dry-run", is_flag=True, help="Print the plan (matches, output layout and size); write nothing.")
 @overwrite_option
 @json_option
 def merge_command(base: Path, loras: tuple[Path, ...], strengths: tuple[float, ...], out: Path, to: str | None,
                   dtype: str | None, compute_dtype: str, device: str, config_dir: Path | None,
-                  allow_unmatched: bool, dry_run: bool, overwrite: bool, as_json: bool) -> Report:
+                  allow_unmatched: bool, allow_stacking: bool, dry_run: bool, overwrite: bool,
+                  as_json: bool) -> Report:
     """Bake LoRAs (a Lightning LoRA, say) into an SDXL base at chosen strengths, streaming."""
     from lightning_tools.merge import merge
 
     report = merge(base, loras, out, strengths=strengths, to=to, dtype=dtype, compute_dtype=compute_dtype,
-                   device=device, allow_unmatched=allow_unmatched, dry_run=dry_run, overwrite=overwrite,
-                   config_dir=config_dir)
+                   device=device, allow_unmatched=allow_unmatched, allow_stacking=allow_stacking, dry_run=dry_run,
+                   overwrite=overwrite, config_dir=config_dir)
     if report.unmatched_modules:
         click.echo(f"warning: skipped {len(report.unmatched_modules)} LoRA modules that fit no base weight "
                    f"(e.g. {report.unmatched_modules[0]})", err=True)
@@ -333,17 +350,24 @@ def extract_command(base: Path, tuned: Path, rank: int, conv_rank: int | None, o
                    "VAE and text encoders.")
 @click.option("--config", type=click.Path(path_type=Path, file_okay=False),
               help="Diffusers SDXL folder with configs and tokenizers, for an all-in-one file.")
+@click.option("--family", default=None, metavar="NAME",
+              help="Sample MODEL as this few-step family (lightning, hyper_sd, dmd2, tcd, pcm, lcm_lora, sdxl_turbo) "
+                   "when nothing in it says so; the profile follows --steps (`lightning-tools catalog` lists them).")
+@click.option("--profile", default=None, metavar="NAME",
+              help="The family's sampling profile by name (e.g. ddim-trailing-cfg), instead of the one --steps picks.")
 @click.option("--steps", type=click.IntRange(min=1), help="Override the checkpoint's step count.")
 @click.option("--prediction-type", type=click.Choice(["epsilon", "sample"]),
               help="Override the checkpoint's prediction type (sample = the 1-step x0 model).")
-@click.option("--guidance-scale", type=float, help="Override the guidance scale (Lightning: 0, no CFG).")
+@click.option("--guidance-scale", type=float, help="Override the profile's guidance scale (Lightning: 0, no CFG).")
+@click.option("--lora-strength", type=float,
+              help="Strength a LoRA MODEL is merged into --base at (default: its profile's recommendation).")
 @click.option("--prompt", "prompts", multiple=True, help="A prompt; repeat for several. Default: a fixed set.")
 @click.option("--prompts", "prompts_file", type=click.Path(dir_okay=False, path_type=Path),
               help="File with one prompt per line.")
 @click.option("--seed", "seeds", type=int, multiple=True, help="Seed; repeat for several (default 0). Every "
               "prompt is rendered with every seed.")
-@click.option("--height", type=int, default=1024, show_default=True)
-@click.option("--width", type=int, default=1024, show_default=True)
+@click.option("--height", type=int, help="Default: the profile's resolution (1024; SDXL-Turbo 512).")
+@click.option("--width", type=int, help="Default: the profile's resolution (1024; SDXL-Turbo 512).")
 @click.option("--batch-size", type=click.IntRange(min=1), default=1, show_default=True)
 @click.option("--device", default="cuda", show_default=True, help="cuda, cuda:N or cpu.")
 @click.option("--dtype", type=click.Choice(["fp16", "bf16", "fp32"]), help="Default: fp16 on CUDA, fp32 on CPU.")
@@ -359,23 +383,29 @@ def extract_command(base: Path, tuned: Path, rank: int, conv_rank: int | None, o
 @click.option("--print-comfyui", is_flag=True, help="Print the ComfyUI equivalent settings instead of rendering.")
 @overwrite_option
 @json_option
-def render_command(model: Path, base: Path | None, config: Path | None, steps: int | None,
-                   prediction_type: str | None, guidance_scale: float | None, prompts: tuple[str, ...],
-                   prompts_file: Path | None, seeds: tuple[int, ...], height: int, width: int, batch_size: int,
+def render_command(model: Path, base: Path | None, config: Path | None, family: str | None, profile: str | None,
+                   steps: int | None, prediction_type: str | None, guidance_scale: float | None,
+                   lora_strength: float | None, prompts: tuple[str, ...],
+                   prompts_file: Path | None, seeds: tuple[int, ...], height: int | None, width: int | None,
+                   batch_size: int,
                    device: str, dtype: str | None, out: Path | None, reference: Path | None, max_diff: float | None,
                    channels_last: bool, compile_unet: bool, comfyui_workflow: Path | None, print_comfyui: bool,
                    overwrite: bool, as_json: bool) -> Report:
-    """Render validation images of MODEL with the settings it was distilled for, check them, write a report.
+    """Render validation images of MODEL with the sampling profile it was distilled for, check them, write a report.
 
     Exits 3 when an image fails a check (NaN/Inf, blank, out of range, too far from --reference)."""
     from lightning_tools.render.plan import plan as plan_render
 
     if prompts and prompts_file:
         raise UsageError("--prompt and --prompts: give one or the other")
+    plan = plan_render(model, base=base, config=config, steps=steps, prediction_type=prediction_type,
+                       guidance_scale=guidance_scale, family=family, profile=profile,
+                       lora_strength=lora_strength)  # headers only: fast
+    default_width, default_height = plan.settings.profile.resolution
+    height = default_height if height is None else height
+    width = default_width if width is None else width
     if height % 8 or width % 8 or height < 8 or width < 8:
         raise UsageError(f"--height {height} --width {width}: both must be positive multiples of 8")
-    plan = plan_render(model, base=base, config=config, steps=steps, prediction_type=prediction_type,
-                       guidance_scale=guidance_scale)  # headers only: fast
     comfy_mode = print_comfyui or comfyui_workflow is not None
     if not comfy_mode:  # whatever would fail later fails now, in one line, before the warnings
         from lightning_tools.render import run
@@ -453,6 +483,12 @@ def demo(ctx: click.Context, folder: Path, as_json: bool) -> None:
 @click.option("--validation", type=click.Path(file_okay=False, path_type=Path),
               help="A `lightning-tools render` output folder: its contact sheet goes into the card.")
 @click.option("--steps", type=int, help="Step count, when the model's metadata and name do not say.")
+@click.option("--family", default=None, metavar="NAME",
+              help="The few-step family it samples as, when its metadata and name do not say (default: "
+                   "SDXL-Lightning); `lightning-tools catalog` lists them.")
+@click.option("--licence", "--license", "licence", default=None, metavar="ID",
+              help="The card's licence (a hub licence id); default: the family's. Needed to publish a model made "
+                   "from a non-commercial family (DMD2, SDXL-Turbo) under another licence.")
 @click.option("--base-model", "base_models", multiple=True,
               help="Hub id of the SDXL base it was merged into, for the card's base_model; repeatable.")
 @_config_option
@@ -462,13 +498,15 @@ def demo(ctx: click.Context, folder: Path, as_json: bool) -> None:
 @overwrite_option
 @json_option
 def publish_command(src: Path, repo_id: str, private: bool, revision: str, validation: Path | None,
-                    steps: int | None, base_models: tuple[str, ...], config_dir: Path | None, dry_run: bool,
-                    card: Path | None, overwrite: bool, as_json: bool) -> Report:
+                    steps: int | None, family: str | None, licence: str | None, base_models: tuple[str, ...],
+                    config_dir: Path | None, dry_run: bool, card: Path | None, overwrite: bool,
+                    as_json: bool) -> Report:
     """Verify a checkpoint, write its model card and upload both to the hub in one commit."""
     from lightning_tools import publish
 
     plan = publish.plan_publish(src, repo_id, revision=revision, private=private, validation=validation,
-                                steps=steps, base_models=base_models, config_dir=config_dir)
+                                steps=steps, family=family, licence=licence, base_models=base_models,
+                                config_dir=config_dir)
     if dry_run:
         card = card or Path(f"{repo_id.split('/')[-1]}.README.md").absolute()
         return emit(publish.write_card(plan, card, overwrite=overwrite), as_json)

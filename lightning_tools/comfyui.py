@@ -1,8 +1,11 @@
 """The ComfyUI equivalent of a render: KSampler settings and a minimal API-format workflow for the model.
 
-ComfyUI samples SDXL with eps prediction unless told otherwise; the 1-step x0 model needs a
-`ModelSamplingDiscrete` node with sampling "x0" (the node the official 1-step workflow uses). Diffusers'
-`guidance_scale=0` (no CFG) is ComfyUI's cfg 1.0.
+The sampler and scheduler follow the model's family profile (lightning_tools/families: euler + sgm_uniform for
+SDXL-Lightning, ddim for Hyper-SD and PCM, lcm for DMD2 and LCM-LoRA, ...). Where core ComfyUI has no equivalent
+(TCD's sampler, a schedule starting at one chosen timestep) the export says so and names the custom node instead
+of writing a workflow that would sample wrongly. ComfyUI samples SDXL with eps prediction unless told otherwise;
+the 1-step x0 model needs a `ModelSamplingDiscrete` node with sampling "x0" (the node the official 1-step
+workflow uses). Diffusers' `guidance_scale=0` (no CFG) is ComfyUI's cfg 1.0.
 """
 
 from __future__ import annotations
@@ -12,9 +15,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from lightning_tools.catalog import Settings
+from lightning_tools.errors import UserError
 from lightning_tools.render.plan import Model, Plan
 from lightning_tools.report import Report
+from lightning_tools.sampling import Sampling
 from lightning_tools.tensors import atomic_output
 
 DEFAULT_PROMPT = "A girl smiling"
@@ -37,11 +41,17 @@ def file_names(model: Model) -> tuple[dict[str, str], list[str]]:
     return {"checkpoint": base["checkpoint"], role: model.path.name}, notes
 
 
-def workflow(model: Model, settings: Settings, prompt: str, seed: int = 0, width: int = 1024,
+def workflow(model: Model, settings: Sampling, prompt: str, seed: int = 0, width: int = 1024,
              height: int = 1024) -> dict[str, dict]:
-    """A minimal ComfyUI API-format workflow (node id -> class_type and inputs; links are [node id, output])."""
+    """A minimal ComfyUI API-format workflow (node id -> class_type and inputs; links are [node id, output]).
+    Refused where core ComfyUI cannot sample like the profile."""
+    if not settings.comfyui_core:
+        raise UserError(f"{model.path.name} samples as {settings.family.title} {settings.profile.name}, which core "
+                        f"ComfyUI has no equivalent for: {settings.comfyui()['custom_node']}; a KSampler workflow "
+                        "would sample it wrongly, so none was written (--print-comfyui shows what to set)")
     names, _ = file_names(model)
     sampler = settings.comfyui()
+    strength = 1.0 if model.lora_strength is None else model.lora_strength
     nodes: dict[str, dict] = {}
 
     def add(class_type: str, **inputs: Any) -> str:
@@ -54,8 +64,8 @@ def workflow(model: Model, settings: Settings, prompt: str, seed: int = 0, width
     if "unet" in names:
         unet = [add("UNETLoader", unet_name=names["unet"], weight_dtype="default"), 0]
     if "lora" in names:
-        lora = add("LoraLoader", model=unet, clip=clip, lora_name=names["lora"], strength_model=1.0,
-                   strength_clip=1.0)
+        lora = add("LoraLoader", model=unet, clip=clip, lora_name=names["lora"], strength_model=strength,
+                   strength_clip=strength)
         unet, clip = [lora, 0], [lora, 1]
     if sampler["model_sampling"]:
         unet = [add("ModelSamplingDiscrete", model=unet, sampling=sampler["model_sampling"], zsnr=False), 0]
@@ -77,6 +87,7 @@ class ComfyUIExport(Report):
     model: dict
     settings: dict
     comfyui: dict
+    core_equivalent: bool  # False: core ComfyUI cannot sample like this; `comfyui["custom_node"]` says what can
     warnings: list[str]
     text: str
     workflow: Path | None = None
@@ -93,21 +104,30 @@ def export(plan: Plan, *, prompt: str | None = None, seed: int = 0, width: int =
         with atomic_output(workflow_path, overwrite) as tmp:
             tmp.write_text(json.dumps(flow, indent=2) + "\n")
     return ComfyUIExport(plan.model.identity(), plan.settings.as_dict(), plan.settings.comfyui(),
-                         list(plan.warnings), describe(plan.model, plan.settings), workflow_path)
+                         plan.settings.comfyui_core, list(plan.warnings), describe(plan.model, plan.settings),
+                         workflow_path)
 
 
-def describe(model: Model, settings: Settings) -> str:
-    """What to set in ComfyUI, for people."""
+def describe(model: Model, settings: Sampling) -> str:
+    """What to set in ComfyUI, for people; plainly says when core ComfyUI has no equivalent."""
     sampler = settings.comfyui()
     names, notes = file_names(model)
-    lines = [f"ComfyUI equivalent of rendering {model.path.name}:",
-             f"  KSampler: sampler {sampler['sampler_name']}, scheduler {sampler['scheduler']}, "
-             f"steps {sampler['steps']}, cfg {sampler['cfg']:g}, denoise 1.0",
-             f"  Load Checkpoint: {names['checkpoint']}"]
+    lines = [f"ComfyUI equivalent of rendering {model.path.name} ({settings.family.title} {settings.profile.name}):"]
+    if settings.comfyui_core:
+        lines.append(f"  KSampler: sampler {sampler['sampler_name']}, scheduler {sampler['scheduler']}, "
+                     f"steps {sampler['steps']}, cfg {sampler['cfg']:g}, denoise 1.0")
+    else:
+        known = ", ".join(f"{what} {sampler[key]}" for key, what in (("sampler_name", "sampler"),
+                                                                       ("scheduler", "scheduler")) if sampler[key])
+        lines.append(f"  no core-ComfyUI equivalent: {sampler['custom_node']}")
+        lines.append(f"  then: {known + ', ' if known else ''}steps {sampler['steps']}, cfg {sampler['cfg']:g}"
+                     + (f", eta {sampler['eta']:g}" if sampler["eta"] is not None else ""))
+    lines.append(f"  Load Checkpoint: {names['checkpoint']}")
     if "unet" in names:
         lines.append(f"  Load Diffusion Model (UNETLoader): {names['unet']} -> KSampler model")
     if "lora" in names:
-        lines.append(f"  LoraLoader: {names['lora']}, strength 1.0")
+        strength = 1.0 if model.lora_strength is None else model.lora_strength
+        lines.append(f"  LoraLoader: {names['lora']}, strength {strength:g}")
     if sampler["model_sampling"]:
         lines.append(f"  ModelSamplingDiscrete: sampling {sampler['model_sampling']}, zsnr off (the model predicts "
                      "the clean image; without it ComfyUI treats the output as noise)")

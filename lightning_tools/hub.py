@@ -1,8 +1,10 @@
-"""Fetch the official files (or a mirror's copies) through huggingface_hub, and prove the bytes are right.
+"""Fetch a few-step family's files (or a mirror's copies) through huggingface_hub, and prove the bytes are right.
 
-Verification is part of fetching. From the official repo a file's sha256 must equal the catalogue's pinned hash;
-from any other repo it must equal the sha256 that hub lists for the file (its LFS metadata). A file that fails
-is removed from the hub cache and never appears at the destination.
+Verification is part of fetching. From the family's own repo a file's sha256 must equal the hash the catalogue
+pins for it; where none is pinned (lightning_tools/families says which), the sha256 the hub lists for it at the
+pinned revision, and the report says the hash is not pinned. From any other repo it must equal the sha256 that
+hub lists for the file (its LFS metadata). A file that fails is removed from the hub cache and never appears at
+the destination.
 
 Downloads go through `hf_hub_download`, which brings the cache, locking, `HF_TOKEN`, offline mode and retries.
 It offers no hook on the byte stream, so each file is hashed once after it lands in the cache: with `--dest`
@@ -24,8 +26,7 @@ from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from lightning_tools import catalog
-from lightning_tools.catalog import CatalogEntry
+from lightning_tools import families as fams
 from lightning_tools.errors import UsageError, UserError
 from lightning_tools.outputs import locked
 from lightning_tools.progress import bar
@@ -69,7 +70,13 @@ class HubEnv:
 
 @dataclass(frozen=True)
 class Fetched:
-    """One verified file: where it is, where it came from, and whether this run downloaded or copied it."""
+    """One verified file: where it is, where it came from, and whether this run downloaded or copied it.
+
+    `filename` is its name at the destination (and in the manifest); `path_in_repo` may have folders (PCM's
+    files live under sdxl/). `pinned`: the hash was checked against the one the catalogue pins, not only one a
+    hub listed. `official`: these are the published bytes (their hash is pinned, or the family's own repo listed
+    it; a mirror's copy counts only when its hash is pinned).
+    """
 
     filename: str
     path: Path
@@ -78,14 +85,12 @@ class Fetched:
     sha256: str
     size: int
     action: str  # "downloaded", "from cache", "already present"
-
-    @property
-    def official(self) -> bool:
-        """Whether these are the official bytes (a mirror's copy may be identical, or a re-saved variant)."""
-        return catalog.by_sha256(self.sha256) is not None
+    path_in_repo: str
+    pinned: bool
+    official: bool
 
     def as_dict(self) -> dict:
-        return {**asdict(self), "path": str(self.path), "official": self.official}
+        return {**asdict(self), "path": str(self.path)}
 
 
 # --- manifest ----------------------------------------------------------------------------------------------------
@@ -209,68 +214,85 @@ def check_revision(revision: str) -> None:
 
 @dataclass(frozen=True)
 class _Expected:
-    sha256: str | None  # None only offline for a mirror file outside the cache: nothing to compare against
+    sha256: str | None  # None only offline for a file with no pinned hash outside the cache: nothing to compare
     size: int | None
     source: str  # says where the expected hash comes from, for error messages
 
 
-def fetch(entries: Sequence[CatalogEntry], dest: Path | str | None = None, repo_id: str = catalog.REPO_ID,
+def fetch(files: Sequence[fams.FamilyFile], dest: Path | str | None = None, repo_id: str | None = None,
           revision: str | None = None, overwrite: bool = False) -> "FetchReport":
-    """Download (or find) each entry's file, verify its sha256, and return where the verified files are.
+    """Download (or find) the files of one family, verify each sha256, and return where the verified files are.
 
-    Without `dest` the files stay in the hub cache and the returned paths point there. With `dest` each file is
-    copied there under its own name and recorded in the manifest; a file already recorded there with the
-    expected hash and size is not fetched again.
+    `repo_id` (default: the family's own repo) names a mirror; `revision` defaults to the pinned commit for the
+    family's repo and to main for a mirror. Without `dest` the files stay in the hub cache and the returned paths
+    point there. With `dest` each file is copied there under its own name (without the repo's folders) and
+    recorded in the manifest; a file already recorded there with the expected hash and size is not fetched again.
     """
+    if not files:
+        return FetchReport([])
+    family = fams.family(files[0].family)
+    if any(f.family != family.name for f in files):
+        raise ValueError("fetch takes the files of one family at a time")
     env = HubEnv.current()
-    official = repo_id.lower() == catalog.REPO_ID.lower()
-    revision = revision or (catalog.REVISION if official else "main")
+    repo_id = repo_id or family.repo_id
+    official = repo_id.lower() == family.repo_id.lower()
+    revision = revision or (family.revision if official else "main")
     check_revision(revision)
     dest = Path(dest) if dest is not None else None
     if dest is not None and dest.exists() and not dest.is_dir():
         raise UserError(f"{dest}: not a folder; --dest takes the folder to put the files in")
     listing: Listing | None = None
     unreachable: str | None = None
-    if not official:  # a mirror's hashes come from the hub, so ask it before deciding anything
+    if not official or not all(f.sha256_pinned for f in files):
+        # hashes that are not pinned here come from the hub, so ask it before deciding anything
         listing, unreachable = list_repo(env, repo_id, revision)
 
     results = []
-    for entry in entries:
-        expected = _expected(entry, official, listing, repo_id, revision, env)
-        present = _already_at(dest, entry.filename, expected, overwrite) if dest is not None else None
+    for file in files:
+        expected = _expected(file, official, listing, repo_id, revision, env)
+        present = _already_at(dest, file.name, expected, overwrite) if dest is not None else None
         if present is not None:
-            results.append(Fetched(entry.filename, dest / entry.filename, present["repo_id"], present["revision"],
-                                   present["sha256"], present["size"], "already present"))
+            results.append(_fetched(file, dest / file.name, present["repo_id"], present["revision"],
+                                    present["sha256"], present["size"], "already present", official))
             continue
         if listing is None and unreachable is None:
             listing, unreachable = list_repo(env, repo_id, revision)
-            expected = _expected(entry, official, listing, repo_id, revision, env)
-        results.append(_fetch_one(env, entry.filename, repo_id, revision, listing, unreachable, expected, dest))
+            expected = _expected(file, official, listing, repo_id, revision, env)
+        results.append(_fetch_one(env, file, repo_id, revision, listing, unreachable, expected, dest, official))
     if dest is not None and results:
         _write_manifest(dest, results)
     return FetchReport(results)
 
 
-def _expected(entry: CatalogEntry, official: bool, listing: Listing | None, repo_id: str, revision: str,
+def _fetched(file: fams.FamilyFile, path: Path, repo_id: str, revision: str, sha256: str, size: int, action: str,
+             official_repo: bool) -> Fetched:
+    pinned = fams.by_sha256(sha256) is not None
+    return Fetched(file.name, path, repo_id, revision, sha256, size, action, file.filename, pinned,
+                   pinned or official_repo)
+
+
+def _expected(file: fams.FamilyFile, official: bool, listing: Listing | None, repo_id: str, revision: str,
               env: HubEnv) -> _Expected:
     """The hash and size the bytes must have, refusing early when the hub already disagrees with them."""
     where = f"{repo_id}@{revision}"
-    if listing is not None and entry.filename not in listing.files:
-        raise UserError(f"{where} on {env.endpoint}: no file {entry.filename}")
-    listed_sha, listed_size = listing.files[entry.filename] if listing is not None else (None, None)
+    if listing is not None and file.filename not in listing.files:
+        raise UserError(f"{where} on {env.endpoint}: no file {file.filename}")
+    listed_sha, listed_size = listing.files[file.filename] if listing is not None else (None, None)
     if official:
-        size = entry.size if entry.size_confirmed else None
-        if listed_sha is not None and listed_sha != entry.sha256:
-            raise UserError(f"{entry.filename}: {where} lists sha256 {listed_sha} but the catalogue pins "
-                            f"{entry.sha256}; refusing to download it")
+        size = file.size if file.size_confirmed else None
         if size is not None and listed_size is not None and listed_size != size:
-            raise UserError(f"{entry.filename}: {where} lists {listed_size} bytes but the catalogue pins {size}; "
+            raise UserError(f"{file.filename}: {where} lists {listed_size} bytes but the catalogue pins {size}; "
                             "refusing to download it")
-        return _Expected(entry.sha256, size, "pinned in the catalogue")
+        if file.sha256 is not None:
+            if listed_sha is not None and listed_sha != file.sha256:
+                raise UserError(f"{file.filename}: {where} lists sha256 {listed_sha} but the catalogue pins "
+                                f"{file.sha256}; refusing to download it")
+            return _Expected(file.sha256, size, "pinned in the catalogue")
     if listing is not None and listed_sha is None:
-        raise UserError(f"{entry.filename}: {where} has no sha256 for it (not stored with LFS), so it cannot be "
+        raise UserError(f"{file.filename}: {where} has no sha256 for it (not stored with LFS), so it cannot be "
                         "verified; use a repo that stores it with LFS")
-    return _Expected(listed_sha, listed_size, f"listed by {where}")
+    return _Expected(listed_sha, listed_size, f"listed by {where}, not pinned in the catalogue" if official
+                     else f"listed by {where}")
 
 
 def _already_at(dest: Path, filename: str, expected: _Expected, overwrite: bool) -> dict | None:
@@ -292,9 +314,11 @@ def _already_at(dest: Path, filename: str, expected: _Expected, overwrite: bool)
                     "move it away or pass --overwrite to replace it")
 
 
-def _fetch_one(env: HubEnv, filename: str, repo_id: str, revision: str, listing: Listing | None,
-               unreachable: str | None, expected: _Expected, dest: Path | None) -> Fetched:
+def _fetch_one(env: HubEnv, file: fams.FamilyFile, repo_id: str, revision: str, listing: Listing | None,
+               unreachable: str | None, expected: _Expected, dest: Path | None, official: bool) -> Fetched:
     from huggingface_hub import try_to_load_from_cache
+
+    filename = file.filename
 
     # Pin the download to the commit the hashes were listed at, so a branch moving in between cannot mix them.
     pinned = listing.commit if listing is not None else revision
@@ -305,14 +329,14 @@ def _fetch_one(env: HubEnv, filename: str, repo_id: str, revision: str, listing:
         commit = cached.parent.name if _COMMIT.fullmatch(cached.parent.name) else pinned
         if listing is not None and revision != commit:
             _remember_ref(env, repo_id, revision, commit)
-        if expected.sha256 is None:  # offline mirror: the cache's blob name is the hash the hub gave
+        if expected.sha256 is None:  # offline, no pinned hash: the cache's blob name is the hash the hub gave
             identity = _cache_identity(cached)
             if identity is None:
                 raise UserError(f"{filename}: {unreachable}, and the cached copy carries no sha256 to verify it "
                                 "against; fetch it again online")
             expected = _Expected(identity["sha256"], None, f"listed by {repo_id} when it was downloaded")
         try:
-            size = _verify(cached, filename, expected, dest)
+            size = _verify(cached, file.name, expected, dest)
         except _Mismatch as bad:
             _remove_from_cache(cached)
             if was_cached and attempt == 1:
@@ -321,8 +345,8 @@ def _fetch_one(env: HubEnv, filename: str, repo_id: str, revision: str, listing:
             raise UserError(f"{filename} from {repo_id}@{commit} is not the expected file: {bad}, expected sha256 "
                             f"{expected.sha256} ({expected.source}); removed it from the hub cache{kept_out}") from None
         action = "from cache" if was_cached else "downloaded"
-        return Fetched(filename, dest / filename if dest is not None else cached, repo_id, commit,
-                       expected.sha256, size, action)
+        return _fetched(file, dest / file.name if dest is not None else cached, repo_id, commit, expected.sha256,
+                        size, action, official)
     raise AssertionError("unreachable")
 
 
@@ -413,5 +437,8 @@ class FetchReport(Report):
 
     def notes(self) -> list[str]:
         """What each file was checked against, for stderr (stdout stays the list of paths)."""
-        return [f"{f.filename}: {f.action}, sha256 {f.sha256[:12]}… matches "
-                + ("the official file" if f.official else f"{f.repo_id}'s listed hash") for f in self.files]
+        return [f"{f.filename}: {f.action}, sha256 {f.sha256[:12]}… matches " + (
+            "the official file" if f.pinned else
+            f"what the official {f.repo_id}@{f.revision[:12]} lists; this hash is not pinned in the catalogue, so "
+            "the hub's listing is all it was checked against" if f.official else
+            f"{f.repo_id}'s listed hash") for f in self.files]

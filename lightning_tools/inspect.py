@@ -1,7 +1,8 @@
 """What is this checkpoint or LoRA, and what should be done with it?
 
 Reads headers only (plus one sha256 pass with `with_hash`): the format and components come from `sdxl.detect`
-and `lora`, the Lightning identity and sampler settings from `catalog`, provenance from our metadata keys.
+and `lora`, the identity (which few-step family's published file it is) from the catalogue in `families`, how to
+sample it from `provenance.settings_for`, provenance from our metadata keys.
 (The module is `lightning_tools.inspect`; inside the package it cannot shadow the standard library's `inspect`.)
 """
 
@@ -14,7 +15,8 @@ from collections.abc import Iterable, Mapping
 from dataclasses import astuple, dataclass, field
 from pathlib import Path
 
-from lightning_tools import catalog, loaders, lora
+from lightning_tools import families as fams
+from lightning_tools import loaders, lora
 from lightning_tools import provenance as prov
 from lightning_tools.errors import UserError
 from lightning_tools.report import Report
@@ -83,14 +85,12 @@ class InspectReport(Report):
         if self.lora is not None:
             rows.append(("LoRA", _describe_lora(self.lora)))
             rows.append(("loaders", self.lora.loaders_summary))
-        identity = self.identity
-        rows.append(("identity", f"{identity['repo_id']}/{identity['file']}, matched by {identity['matched_by']}"
-                     if identity else "not an official SDXL-Lightning file"))
+        rows.append(("identity", _describe_identity(self.identity)))
         if self.sha256:
             rows.append(("sha256", self.sha256))
         settings = self.settings
         rows.append(("settings", f"{settings['summary']} (from {settings['from']})" if settings
-                     else "unknown: no step count in the metadata, catalogue or file name"))
+                     else "unknown: no profile or step count in the metadata, catalogue or file name"))
         rows.append(("next", self.next))
         rows += _describe_metadata(self.metadata, self.provenance)
         lines = [f"{self.path}  ({_count(self.size, 'B')})"]
@@ -189,29 +189,50 @@ def _lora_report(path: Path, found: detect.Detection) -> InspectReport:
 
 
 def _identity(path: Path, sha256: str | None) -> dict | None:
-    """The catalogue entry this is: proven by sha256, or suggested by name and size without a hash."""
+    """The catalogued file this is: proven by sha256, or suggested by name and size without a hash. A generic
+    name (diffusers' default LoRA name) identifies nothing without a hash; the candidates are named instead."""
+    named = fams.by_filename(path.name)
     if sha256 is not None:
-        entry = catalog.by_sha256(sha256)
-        if entry is not None:
-            return _entry_dict(entry, "sha256")
-        named = catalog.by_filename(path.name)
+        proven = fams.by_sha256(sha256)
+        if proven is not None:
+            return _entry_dict(proven, "sha256")
+        if named is not None and named.sha256_pinned:
+            return _entry_dict(named, "name only: the sha256 differs, so these are not the published bytes")
         if named is not None:
-            return _entry_dict(named, "name only: the sha256 differs, so these are not the official bytes")
+            return _entry_dict(named, "name (its sha256 is not pinned in the catalogue, so the hash proves nothing; "
+                                      "fetch checks it against the hub)")
         return None
-    entry = catalog.by_filename(path.name)
-    if entry is None:
-        return None
+    if named is None:
+        candidates = fams.files_named(path.name)
+        if not candidates:
+            return None
+        return {"file": path.name, "candidates": [_entry_dict(f, "name only") for f in candidates],
+                "matched_by": "nothing: a name every diffusers LoRA has; use --hash to tell whether it is one"}
     size = _size(path)
-    if size == entry.size:
-        return _entry_dict(entry, "name and size (use --hash to prove it)")
-    if not entry.size_confirmed:
-        return _entry_dict(entry, "name (this file's size is not pinned; use --hash to prove it)")
-    return _entry_dict(entry, f"name only: {size} bytes, the official file has {entry.size}")
+    if named.size is None:
+        return _entry_dict(named, "name (the catalogue has no size for it; use --hash to prove it)"
+                           if named.sha256_pinned else "name only (no size or sha256 pinned for it)")
+    if size == named.size:
+        return _entry_dict(named, "name and size (use --hash to prove it)")
+    if not named.size_confirmed:
+        return _entry_dict(named, "name (this file's size is not pinned; use --hash to prove it)")
+    return _entry_dict(named, f"name only: {size} bytes, the published file has {named.size}")
 
 
-def _entry_dict(entry: catalog.CatalogEntry, matched_by: str) -> dict:
-    return {"file": entry.filename, "repo_id": catalog.REPO_ID, "steps": entry.steps, "kind": entry.kind,
-            "prediction_type": entry.prediction_type, "matched_by": matched_by}
+def _describe_identity(identity: dict | None) -> str:
+    if identity is None:
+        return "not a catalogued few-step file"
+    if "candidates" in identity:
+        named = " or ".join(f"{c['title']}'s {c['repo_id']}/{c['file']}" for c in identity["candidates"])
+        return f"named like {named}; matched by {identity['matched_by']}"
+    return f"{identity['title']} {identity['repo_id']}/{identity['file']}, matched by {identity['matched_by']}"
+
+
+def _entry_dict(entry: fams.FamilyFile, matched_by: str) -> dict:
+    family = fams.family(entry.family)
+    return {"family": family.name, "title": family.title, "file": entry.filename, "repo_id": family.repo_id,
+            "steps": entry.steps, "kind": entry.kind, "variant": entry.variant, "profile": entry.profile.name,
+            "prediction_type": entry.prediction_type, "license": family.license, "matched_by": matched_by}
 
 
 def _settings(path: Path, metadata: dict[str, str], sha256: str | None) -> dict | None:
@@ -225,7 +246,7 @@ def _settings(path: Path, metadata: dict[str, str], sha256: str | None) -> dict 
 def _provenance(metadata: Mapping[str, str]) -> dict:
     """Our keys, JSON values decoded, so a person (and --json) sees structure instead of escaped strings."""
     out: dict = {}
-    for key in (prov.TOOL, prov.STEPS, prov.PREDICTION_TYPE, prov.SETTINGS, prov.SOURCES):
+    for key in (prov.TOOL, prov.FAMILY, prov.PROFILE, prov.STEPS, prov.PREDICTION_TYPE, prov.SETTINGS, prov.SOURCES):
         if key in metadata:
             value = metadata[key]
             if key in _JSON_KEYS:

@@ -19,7 +19,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from lightning_tools import dtypes
+from lightning_tools import dtypes, hub
 from lightning_tools import provenance as prov
 from lightning_tools.checkpoint import Checkpoint, Written, open_checkpoint, write_checkpoint
 from lightning_tools.device import parse_device
@@ -27,6 +27,7 @@ from lightning_tools.errors import UsageError, UserError
 from lightning_tools.lora import LoraFile, LoraModule, add_lora, add_lora_bias, modules_of_keys, read_lora
 from lightning_tools.outputs import check_containment
 from lightning_tools.report import Report
+from lightning_tools.sampling import Sampling
 from lightning_tools.stream import LazyTensor
 from lightning_tools.tensors import read_tensor
 
@@ -211,7 +212,8 @@ class MergeReport(Report):
     unmatched_modules: list[str]
     unknown_keys: list[str]
     estimated_bytes: int
-    lightning: dict[str, str] = field(default_factory=dict)
+    accelerators: list[Accelerator] = field(default_factory=list)
+    sampling: dict[str, str] = field(default_factory=dict)  # the sampling keys written into the output
     written: Written | None = None
 
     def describe(self) -> str:
@@ -230,24 +232,73 @@ class MergeReport(Report):
         if self.written is not None:
             lines.append(f"wrote {self.output} ({self.written.layout}, {self.written.bytes / 1e9:.2f} GB), "
                          f"{self.tensors_merged} weights merged")
-            if self.lightning:
-                lines.append(f"  Lightning: {self.lightning.get(prov.STEPS)} steps "
-                             f"({self.lightning.get(prov.PREDICTION_TYPE)} prediction)")
+            if self.sampling:
+                lines.append(f"  sampling: {self.sampling.get(prov.FAMILY)} {self.sampling.get(prov.PROFILE)}, "
+                             f"{self.sampling.get(prov.STEPS)} steps ({self.sampling.get(prov.PREDICTION_TYPE)} "
+                             "prediction)")
         else:
             lines.append(f"would write {self.output} ({self.target}, about {self.estimated_bytes / 1e9:.2f} GB), "
                          f"{self.tensors_merged} weights merged (dry run: nothing written)")
+        if len(self.accelerators) > 1:
+            lines.append(f"  stacked few-step accelerators (--allow-stacking): "
+                         f"{'; '.join(a.describe() for a in self.accelerators)}; the output records the first one's "
+                         "profile: render it to see whether the mix samples well")
         return "\n".join(lines)
+
+
+@dataclass(frozen=True)
+class Accelerator(Report):
+    """An input that is a few-step model: a LoRA merged at a positive strength, or a base, whose sampling
+    profile is known (from its metadata, the catalogue or its name)."""
+
+    file: str
+    role: str  # "lora" | "base"
+    sampling: Sampling
+    why: str
+
+    def describe(self) -> str:
+        s = self.sampling
+        return f"{self.file} is {s.family.title} {s.profile.name}, {s.steps} steps ({self.why})"
+
+    def to_json(self) -> dict:
+        return {"file": self.file, "role": self.role, "family": self.sampling.profile.family,
+                "profile": self.sampling.profile.name, "steps": self.sampling.steps, "why": self.why}
+
+
+def accelerators(base: Path, base_metadata: dict[str, str], loras: Sequence[LoraFile], strengths: Sequence[float],
+                 sha256s: dict[Path, str | None]) -> list[Accelerator]:
+    """The few-step inputs of a merge, LoRAs first in their order, then the base. `sha256s`: the whole-file
+    hashes known so far (a name can identify a file whose hash is not known yet)."""
+    found = []
+    for lora, strength in zip(loras, strengths):
+        hit = prov.settings_for(lora.path, lora.metadata, sha256s.get(lora.path)) if strength > 0 else None
+        if hit:
+            found.append(Accelerator(lora.path.name, "lora", *hit))
+    hit = prov.settings_for(base, base_metadata, sha256s.get(base))
+    if hit:
+        found.append(Accelerator(base.name, "base", *hit))
+    return found
+
+
+def check_stacking(found: Sequence[Accelerator], allow_stacking: bool) -> None:
+    """Refuse two accelerators in one merge unless allowed: each was distilled for its own sampler."""
+    if len(found) > 1 and not allow_stacking:
+        listed = "; ".join(a.describe() for a in found)
+        raise UserError(f"this merge stacks {len(found)} few-step accelerators: {listed}. Each was distilled for "
+                        "its own sampler, timesteps and CFG, so together they sample like neither (usually burnt or "
+                        "blurred images); merge only one, or pass --allow-stacking to merge them anyway")
 
 
 def merge(base: Path | str, loras: Sequence[Path | str], out: Path | str, *, strengths: Sequence[float] = (),
           to: str | None = None, dtype: str | None = None, compute_dtype: str = "fp32", device: str = "cpu",
-          allow_unmatched: bool = False, dry_run: bool = False, overwrite: bool = False,
-          config_dir: Path | str | None = None) -> MergeReport:
+          allow_unmatched: bool = False, allow_stacking: bool = False, dry_run: bool = False,
+          overwrite: bool = False, config_dir: Path | str | None = None) -> MergeReport:
     """Merge `loras` (each at its strength; one strength applies to all) into `base`, writing `out`.
 
     Refuses, before writing anything, when a LoRA module finds no target of the same shape, unless
     `allow_unmatched` (then they are skipped and reported, as long as something matched). With `dry_run` only
-    the plan is returned. `dtype`/`compute_dtype`: fp16, bf16 or fp32.
+    the plan is returned. `dtype`/`compute_dtype`: fp16, bf16 or fp32. Two few-step accelerators (LoRAs at a
+    positive strength, or an accelerated base and such a LoRA) are refused unless `allow_stacking`.
     """
     base, out, loras = Path(base), Path(out), [Path(p) for p in loras]
     strengths = _strengths(strengths, len(loras))
@@ -275,12 +326,16 @@ def merge(base: Path | str, loras: Sequence[Path | str], out: Path | str, *, str
     if not plan.targets:
         raise UserError(f"no LoRA module matches a weight of {base}: the output would be a plain copy of the base; "
                         "is the LoRA for SDXL?")
+    known = {p: (hub.manifest_entry(p) or {}).get("sha256") if p.is_file() else None for p in (base, *loras)}
+    report.accelerators = accelerators(base, ckpt.metadata, files, strengths, known)
+    check_stacking(report.accelerators, allow_stacking)
     if dry_run:
         return report
 
     merged = apply_plan(ckpt, plan, dtypes.torch_dtype(compute), dev, code)
-    metadata = _metadata(base, ckpt, files, strengths, out, to_format)
-    report.lightning = {k: metadata[k] for k in (prov.STEPS, prov.PREDICTION_TYPE) if k in metadata}
+    metadata, report.accelerators = _metadata(base, ckpt, files, strengths, out, to_format, allow_stacking)
+    report.sampling = {k: metadata[k] for k in (prov.FAMILY, prov.PROFILE, prov.STEPS, prov.PREDICTION_TYPE)
+                       if k in metadata}
     report.written = write_checkpoint(merged, out, to_format, dtype=code, metadata=metadata, overwrite=overwrite,
                                       config_dir=config_dir)
     return report
@@ -302,17 +357,16 @@ def _estimated_size(ckpt: Checkpoint, dtype: str | None) -> int:
 
 
 def _metadata(base: Path, ckpt: Checkpoint, files: Sequence[LoraFile], strengths: Sequence[float], out: Path,
-              to_format: str) -> dict[str, str]:
-    """ModelSpec + provenance: the base and every LoRA with sha256 and strength, and the sampler settings of
-    the first Lightning LoRA merged at a positive strength."""
+              to_format: str, allow_stacking: bool) -> tuple[dict[str, str], list[Accelerator]]:
+    """ModelSpec + provenance: the base and every LoRA with sha256 and strength, and the sampling profile of the
+    first accelerator LoRA merged at a positive strength, else of the base (when it is a few-step model).
+    Identification now has every file's hash, so stacking is checked again."""
     sources = [prov.Source.of("base", base, ckpt.metadata)]
-    settings = None
-    for lora, strength in zip(files, strengths):
-        source = prov.Source.of("lora", lora.path, lora.metadata, strength)
-        sources.append(source)
-        sha = source.sha256 if source.sha256_of == "file" else None
-        found = prov.settings_for(lora.path, lora.metadata, sha) if strength > 0 and settings is None else None
-        settings = found[0] if found else settings
+    sources += [prov.Source.of("lora", lora.path, lora.metadata, strength) for lora, strength in zip(files, strengths)]
+    hashes = {Path(p): s.sha256 if s.sha256_of == "file" else None
+              for p, s in zip((base, *(f.path for f in files)), sources)}
+    found = accelerators(base, ckpt.metadata, files, strengths, hashes)
+    check_stacking(found, allow_stacking)
     title = out.name.removesuffix(".safetensors")
     spec = prov.modelspec(title, implementation="diffusers" if to_format == "diffusers" else "sgm")
-    return spec | prov.lightning_provenance("merge", sources, settings)
+    return spec | prov.lightning_provenance("merge", sources, found[0].sampling if found else None), found

@@ -2,7 +2,7 @@
 
 Every file we write carries both, so `inspect`, `render` and `publish` can tell what it is, where it came from
 and how to sample it, without side files. This module also answers the reverse question for any input:
-which settings does this file want (`settings_for`), and what is its identity for provenance
+how must this file be sampled (`settings_for`: its family's profile), and what is its identity for provenance
 (`source_sha256`).
 """
 
@@ -15,9 +15,10 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from lightning_tools import __version__, catalog, hub
-from lightning_tools.catalog import Settings
+from lightning_tools import __version__, hub
+from lightning_tools import families as fams
 from lightning_tools.errors import UserError
+from lightning_tools.sampling import Sampling, for_file, from_name
 from lightning_tools.tensors import hash_file
 
 ARCH_BASE = "stable-diffusion-xl-v1-base"
@@ -32,7 +33,9 @@ HASH_KEY = "modelspec.hash_sha256"  # "0x" + sha256 of the data after the header
 # Our own keys. Values are strings (safetensors metadata is str -> str); structured values are JSON.
 STEPS = "lightning.steps"                   # "4"
 PREDICTION_TYPE = "lightning.prediction_type"  # "epsilon" | "sample"
-SETTINGS = "lightning.settings"             # JSON: recommended sampler settings (catalog.Settings.as_dict())
+FAMILY = "lightning.family"                 # "hyper_sd": the few-step family (lightning_tools/families)
+PROFILE = "lightning.profile"               # "ddim-trailing": the family's sampling profile
+SETTINGS = "lightning.settings"             # JSON: how to sample it (sampling.Sampling.as_dict())
 SOURCES = "lightning.sources"               # JSON list of Source dicts
 TOOL = "lightning.tool"                     # "lightning-tools 0.1.0 merge"
 EXTRACT = "lightning.extract"               # JSON: an extracted LoRA's rank and error report
@@ -87,25 +90,17 @@ def with_data_hash(metadata: Mapping[str, str]) -> Mapping[str, str] | Callable[
     return lambda sha256: fixed | {HASH_KEY: "0x" + sha256}
 
 
-def provenance(command: str, sources: Sequence[Source], steps: int | None = None,
-               prediction_type: str | None = None, settings: Mapping | None = None) -> dict[str, str]:
-    """Our keys: the command and its inputs, and for Lightning outputs the steps and sampler settings."""
+def lightning_provenance(command: str, sources: Sequence[Source], sampling: Sampling | None = None
+                         ) -> dict[str, str]:
+    """Our keys: the command and its inputs, and for a few-step model its family, profile, steps and the whole
+    sampler setup (None: nothing says how it samples)."""
     meta = {TOOL: f"lightning-tools {__version__} {command}",
             SOURCES: json.dumps([{k: v for k, v in asdict(s).items() if v is not None} for s in sources])}
-    if steps is not None:
-        meta[STEPS] = str(steps)
-    if prediction_type is not None:
-        meta[PREDICTION_TYPE] = prediction_type
-    if settings is not None:
-        meta[SETTINGS] = json.dumps(dict(settings))
+    if sampling is not None:
+        meta |= {STEPS: str(sampling.steps), PREDICTION_TYPE: sampling.prediction_type,
+                 FAMILY: sampling.profile.family, PROFILE: sampling.profile.name,
+                 SETTINGS: json.dumps(sampling.as_dict())}
     return meta
-
-
-def lightning_provenance(command: str, sources: Sequence[Source], settings: Settings | None = None) -> dict[str, str]:
-    """`provenance` with the Lightning keys taken from `settings` (None: not a Lightning model)."""
-    if settings is None:
-        return provenance(command, sources)
-    return provenance(command, sources, settings.steps, settings.prediction_type, settings.as_dict())
 
 
 def carried_over(metadata: Mapping[str, str]) -> dict[str, str]:
@@ -144,34 +139,50 @@ def source_sha256(path: Path, metadata: Mapping[str, str]) -> tuple[str | None, 
     return (claimed, "data") if claimed else (hash_file(path), "file")
 
 
-# --- which settings a file wants -------------------------------------------------------------------------------
+# --- how a file wants to be sampled ----------------------------------------------------------------------------
 
-def settings_from_metadata(metadata: Mapping[str, str]) -> Settings | None:
+def settings_from_metadata(metadata: Mapping[str, str]) -> Sampling | None:
+    """What our keys say: the settings JSON, else family/profile/steps, else steps alone (files written before
+    the families: SDXL-Lightning). None when absent or unreadable, or naming a family this version lacks."""
     try:
         if SETTINGS in metadata:
-            return Settings.from_dict(json.loads(metadata[SETTINGS]))
+            return Sampling.from_dict(json.loads(metadata[SETTINGS]))
         if STEPS in metadata:
-            return catalog.recommended_settings(int(metadata[STEPS]), metadata.get(PREDICTION_TYPE, "epsilon"))
-    except (ValueError, TypeError, AttributeError, UserError):
-        return None  # unreadable keys: fall back to what the catalogue or the name says
+            data = {"steps": metadata[STEPS], "prediction_type": metadata.get(PREDICTION_TYPE)}
+            if FAMILY in metadata:
+                data |= {"family": metadata[FAMILY], "profile": metadata.get(PROFILE)}
+            return Sampling.from_dict(data)
+    except (ValueError, TypeError, KeyError, AttributeError, UserError):
+        return None  # fall back to what the catalogue or the name says
     return None
 
 
-def settings_for(path: Path | str, metadata: Mapping[str, str], sha256: str | None = None
-                 ) -> tuple[Settings, str] | None:
-    """Recommended settings for a file, and where they came from.
+def identify(path: Path | str, sha256: str | None = None) -> tuple[fams.FamilyFile, str] | None:
+    """The catalogued file whose sampling profile this file has, and how that is known: its `sha256` (when given)
+    proves it; else its name, when the name identifies one file. A name with another hash is still taken (a
+    re-saved or converted copy keeps the name and the way it samples), and said so."""
+    if sha256:
+        found = fams.by_sha256(sha256)
+        if found is not None:
+            return found, "sha256"
+    named = fams.by_filename(Path(path).name)
+    if named is None:
+        return None
+    return named, "file name, not the published bytes" if sha256 and named.sha256_pinned else "file name"
 
-    Order: our own metadata keys (what the writer knew), the catalogue (by `sha256` when given, else by file
-    name), then the file name pattern.
-    """
-    path = Path(path)
+
+def settings_for(path: Path | str, metadata: Mapping[str, str], sha256: str | None = None
+                 ) -> tuple[Sampling, str] | None:
+    """How a file must be sampled, and why: our own metadata keys (what the writer knew), the catalogue (by
+    `sha256` when given, else by file name), then a step count in the name (taken as SDXL-Lightning)."""
     found = settings_from_metadata(metadata)
     if found:
         return found, "metadata"
-    entry = catalog.by_sha256(sha256) if sha256 else catalog.by_filename(path.name)
-    if entry:
-        return entry.settings, f"catalog ({'sha256' if sha256 else 'file name'}: {entry.filename})"
-    guessed = catalog.settings_from_name(path.name)
+    known = identify(path, sha256)
+    if known:
+        file, how = known
+        return for_file(file), f"catalog ({how}: {fams.family(file.family).title} {file.name})"
+    guessed = from_name(path)
     return (guessed, "file name") if guessed else None
 
 

@@ -1,7 +1,9 @@
 """Publish a checkpoint to the hub: verify it, write its model card, upload everything in one commit, check it.
 
 The card is built from what the files say about themselves (our provenance metadata: sources, hashes,
-strengths, steps), so it states what was merged and how to sample it without the user writing anything.
+strengths, the few-step family's sampling profile), so it states what was merged, how to sample it in diffusers
+and ComfyUI, and under which licence, without the user writing anything. The licence is the family's; a model
+made from a non-commercial family is not published under another licence unless the publisher says so.
 Planning reads only local files; the network is touched by `upload` alone, which is why `--dry-run` can show the
 whole commit offline.
 """
@@ -11,23 +13,27 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import json
+import re
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from lightning_tools import catalog, hub, progress
+from lightning_tools import families as fams
+from lightning_tools import hub, progress
 from lightning_tools import provenance as meta
-from lightning_tools.catalog import Settings
 from lightning_tools.errors import UserError
 from lightning_tools.report import Report
+from lightning_tools.sampling import DEFAULT_FAMILY, Sampling, for_family
 from lightning_tools.sdxl import SDXL_BASE_REPO
 from lightning_tools.sdxl.detect import detect
 from lightning_tools.sdxl.vocabulary import LAYOUTS
 from lightning_tools.tensors import atomic_output, hash_file
 from lightning_tools.verify import verify_paths
 
-LICENSE = "openrail++"  # SDXL-Lightning's license, which its derivatives inherit
-LIGHTNING_REPO = catalog.REPO_ID
+# Front matter for licences the hub has no identifier for: `other` with a name, as stabilityai/sdxl-turbo's card
+# does; a repo that declares none is the hub's `unknown`.
+_HUB_OTHER = {"sai-nc-community"}
+_HUB_UNDECLARED = {"unspecified": "unknown"}
 CONTACT_SHEET = "contact_sheet.png"
 _SHEET_IN_REPO = f"validation/{CONTACT_SHEET}"
 _SKIPPED = {"README.md", hub.MANIFEST_NAME}  # replaced by the generated card / local bookkeeping
@@ -52,8 +58,9 @@ class PublishPlan(Report):
     revision: str
     private: bool
     layout: str
-    settings: Settings
+    settings: Sampling
     settings_source: str
+    licence: str
     card_text: str = field(repr=False)
     uploads: list[Upload]
     notes: list[str] = field(default_factory=list)
@@ -80,10 +87,12 @@ class PublishPlan(Report):
 # --- planning (local files only) -----------------------------------------------------------------------------
 
 def plan_publish(src: Path | str, repo_id: str, *, revision: str = "main", private: bool = False,
-                 validation: Path | str | None = None, steps: int | None = None,
-                 base_models: tuple[str, ...] = (), config_dir: Path | str | None = None) -> PublishPlan:
-    """Verify `src` (against `config_dir`'s configs for a model of another width), work out its sampler settings
-    and provenance, and build the card and the file list."""
+                 validation: Path | str | None = None, steps: int | None = None, family: str | None = None,
+                 licence: str | None = None, base_models: tuple[str, ...] = (),
+                 config_dir: Path | str | None = None) -> PublishPlan:
+    """Verify `src` (against `config_dir`'s configs for a model of another width), work out its sampling profile
+    (`family` and `steps` given by the publisher win), licence and provenance, and build the card and the file
+    list. A model made from a non-commercial family is refused under another licence unless `licence` is given."""
     src = Path(src)
     reports = verify_paths([src], config_dir=config_dir).files
     bad = [r for r in reports if not r.ok]
@@ -101,7 +110,9 @@ def plan_publish(src: Path | str, repo_id: str, *, revision: str = "main", priva
 
     metadata = dict((found.sources["unet"] if found.layout == "diffusers" else found.source).metadata)
     notes: list[str] = []
-    settings, how = _settings(src, metadata, uploads[0].sha256 if src.is_file() else None, steps, notes)
+    settings, how = _settings(src, found.layout, metadata, uploads[0].sha256 if src.is_file() else None, steps,
+                              family, notes)
+    chosen_licence = _licence(src, settings, metadata, licence, notes)
     sheet, summary = _validation(Path(validation), metadata) if validation is not None else (None, None)
     if sheet is not None:
         uploads.append(Upload(_SHEET_IN_REPO, sheet, sheet.stat().st_size, hash_file(sheet)))
@@ -110,10 +121,11 @@ def plan_publish(src: Path | str, repo_id: str, *, revision: str = "main", priva
 
     card = render_card(repo_id=repo_id, revision=revision, layout=found.layout, metadata=metadata,
                        settings=settings, settings_source=how, uploads=uploads, base_models=base_models,
-                       validation=summary)
+                       validation=summary, licence=chosen_licence)
     card_bytes = card.encode()
     uploads.insert(0, Upload("README.md", None, len(card_bytes), hashlib.sha256(card_bytes).hexdigest()))
-    return PublishPlan(src, repo_id, revision, private, found.layout, settings, how, card, uploads, notes)
+    return PublishPlan(src, repo_id, revision, private, found.layout, settings, how, chosen_licence, card, uploads,
+                       notes)
 
 
 def _files(src: Path) -> list[tuple[str, Path]]:
@@ -129,19 +141,57 @@ def _files(src: Path) -> list[tuple[str, Path]]:
     return out
 
 
-def _settings(src: Path, metadata: dict[str, str], sha256: str | None, steps: int | None,
-              notes: list[str]) -> tuple[Settings, str]:
-    """The model's own settings (metadata, catalogue, name); `steps` given by the user wins."""
+def _settings(src: Path, layout: str, metadata: dict[str, str], sha256: str | None, steps: int | None,
+              family: str | None, notes: list[str]) -> tuple[Sampling, str]:
+    """The model's own sampling profile (metadata, catalogue, name); `family` and `steps` given by the publisher
+    win (steps alone keep the model's family: SDXL-Lightning when nothing says which)."""
     found = meta.settings_for(src, metadata, sha256)
-    if steps is not None:
-        prediction = found[0].prediction_type if found else "epsilon"
-        if found and found[0].steps != steps:
-            notes.append(f"--steps {steps} overrides {found[0].steps} steps from the {found[1]}")
-        return catalog.recommended_settings(steps, prediction), "--steps"
-    if found is None:
-        raise UserError(f"{src}: cannot tell how many steps this model is for (no lightning metadata, not an "
-                        "official file, no _Nstep in the name); pass --steps N")
-    return found
+    if family is None and steps is None:
+        if found is None:
+            raise UserError(f"{src}: cannot tell how this model samples (no lightning metadata, not a catalogued "
+                            "file, no _Nstep in the name); pass --steps N, and --family NAME if it is not "
+                            "SDXL-Lightning")
+        return found
+    chosen = fams.family(family) if family is not None else found[0].family if found else \
+        fams.family(DEFAULT_FAMILY)
+    said = " ".join(filter(None, [f"--family {chosen.name}" if family else "", f"--steps {steps}" if steps else ""]))
+    if steps is None and found and found[0].profile.family == chosen.name:
+        return found  # --family naming the model's own family changes nothing
+    kind = "lora" if layout == "lora" else "unet" if layout.startswith("unet") else "model"
+    settings = for_family(chosen, kind=kind, steps=steps)
+    ours, why = found or (None, None)
+    if ours and (ours.profile.family, ours.profile.name, ours.steps) != \
+            (settings.profile.family, settings.profile.name, settings.steps):
+        notes.append(f"{said} overrides {ours.family.title} {ours.profile.name} at {ours.steps} steps from the {why}")
+    return settings, said
+
+
+def _licence(src: Path, settings: Sampling, metadata: dict[str, str], licence: str | None, notes: list[str]) -> str:
+    """The card's licence: `licence` when the publisher gives one, else the licence of the family the model
+    samples as. Refused when a catalogued input (a LoRA merged in, a base) is non-commercial under another."""
+    family = settings.family
+    inputs = {family.name: family}
+    for source in meta.read_sources(metadata):
+        known = fams.by_sha256(source.get("sha256") or "") if source.get("sha256_of") != "data" else None
+        known = known or fams.by_filename(str(source.get("file", "")))
+        if known is not None:
+            inputs.setdefault(known.family, fams.family(known.family))
+    restricted = [fam for fam in inputs.values() if fam.license_info.commercial is False]
+    if licence is not None:
+        notes += [f"--licence {licence}: made from {fam.title}, whose weights are under {fam.license} "
+                  f"({fam.license_info.title}, non-commercial); be sure you may publish it under {licence}"
+                  for fam in restricted if fam.license != licence]
+        return licence
+    other = [fam for fam in restricted if fam.license != family.license]
+    if other:
+        raise UserError(f"{src}: made from {other[0].title}, whose weights are non-commercial ({other[0].license}: "
+                        f"{other[0].license_info.title}), but would be published under {family.license}, the "
+                        f"licence of {family.title} whose profile it samples with; pass --licence "
+                        f"{other[0].license} (or a licence you have the right to use)")
+    if family.license_info.commercial is None:
+        notes.append(f"{family.title}'s weights declare no licence: the card says license: "
+                     f"{_HUB_UNDECLARED.get(family.license, family.license)}; pass --licence if you know it")
+    return family.license
 
 
 @dataclass(frozen=True)
@@ -186,16 +236,19 @@ def _yaml(value: str) -> str:
     return json.dumps(value)
 
 
-def render_card(repo_id: str, revision: str, layout: str, metadata: dict[str, str], settings: Settings,
+def render_card(repo_id: str, revision: str, layout: str, metadata: dict[str, str], settings: Sampling,
                 settings_source: str, uploads: list[Upload], base_models: tuple[str, ...] = (),
-                validation: ValidationSummary | None = None) -> str:
-    """README.md with the hub's YAML front matter, provenance, settings and usage for diffusers and ComfyUI."""
+                validation: ValidationSummary | None = None, licence: str | None = None) -> str:
+    """README.md with the hub's YAML front matter, provenance, the sampling profile and usage for diffusers and
+    ComfyUI. `licence` defaults to the licence of the family the model samples as."""
+    family = settings.family
+    licence = licence or family.license
     sources = meta.read_sources(metadata)
     merged = any(s.get("role") == "lora" for s in sources)
-    tags = ["text-to-image", "stable-diffusion-xl", "sdxl-lightning", "lightning-tools"] + \
+    tags = ["text-to-image", "stable-diffusion-xl", family.title.lower(), "lightning-tools"] + \
         (["lora"] if layout == "lora" else [])
-    front = ["---", f"license: {LICENSE}", "base_model:"]
-    front += [f"- {_yaml(m)}" for m in dict.fromkeys((LIGHTNING_REPO, *base_models))]
+    front = ["---", *_licence_front_matter(licence), "base_model:"]
+    front += [f"- {_yaml(m)}" for m in dict.fromkeys((family.repo_id, *base_models))]
     if merged:
         front.append("base_model_relation: merge")
     front += ["tags:", *[f"- {t}" for t in tags], "library_name: diffusers", "pipeline_tag: text-to-image", "---"]
@@ -206,8 +259,9 @@ def render_card(repo_id: str, revision: str, layout: str, metadata: dict[str, st
     if sources:
         lines += ["## What it is made of", "", "| role | file | sha256 | sha256 of | strength |", "|---|---|---|---|---|"]
         for s in sources:
-            official = catalog.by_sha256(s.get("sha256") or "") if s.get("sha256_of") != "data" else None
-            name = f"`{s.get('file', '?')}`" + (f" (official {LIGHTNING_REPO} file)" if official else "")
+            official = fams.by_sha256(s.get("sha256") or "") if s.get("sha256_of") != "data" else None
+            repo = fams.family(official.family).repo_id if official else ""
+            name = f"`{s.get('file', '?')}`" + (f" (official {repo} file)" if official else "")
             strength = "" if s.get("strength") is None else f"{s['strength']:g}"
             lines.append(f"| {s.get('role', '')} | {name} | `{s.get('sha256') or 'unknown'}` | "
                          f"{_HASH_OF.get(s.get('sha256_of'), 'not recorded')} | {strength} |")
@@ -217,8 +271,8 @@ def render_card(repo_id: str, revision: str, layout: str, metadata: dict[str, st
         lines += ["", f"Made with `{tool}`." if tool else "", ""]
     lines += ["## Files", "", "| file | bytes | sha256 of the file |", "|---|---|---|"]
     lines += [f"| `{u.path_in_repo}` | {u.size} | `{u.sha256}` |" for u in weights]
-    lines += ["", *_settings_table(settings, settings_source), "", "## Usage with diffusers", "", "```python",
-              *_diffusers_snippet(layout, repo_id, revision, weights, settings), "```", "",
+    lines += ["", *_settings_table(layout, settings, settings_source), "", "## Usage with diffusers", "",
+              "```python", *_diffusers_snippet(layout, repo_id, revision, weights, settings), "```", "",
               "## Usage with ComfyUI", "", *_comfyui_steps(layout, weights, settings), ""]
     if validation is not None:
         lines += ["## Validation", "", f"![validation contact sheet]({_SHEET_IN_REPO})", ""]
@@ -232,44 +286,97 @@ def render_card(repo_id: str, revision: str, layout: str, metadata: dict[str, st
         if validation.prompts:
             lines += ["", "Prompts:", "", *[f"- {p}" for p in validation.prompts]]
         lines.append("")
-    lines += ["## License", "",
-              f"Released under the CreativeML Open RAIL++-M license ({LICENSE}), as a derivative of "
-              f"[{LIGHTNING_REPO}](https://huggingface.co/{LIGHTNING_REPO}) (Lin et al., \"SDXL-Lightning: "
-              "Progressive Adversarial Diffusion Distillation\", arXiv:2402.13929) and "
-              f"[{SDXL_BASE_REPO}](https://huggingface.co/{SDXL_BASE_REPO}).", ""]
+    lines += ["## License", "", _licence_text(licence, family), ""]
     return "\n".join(lines)
 
 
 _HASH_OF = {"file": "the whole file", "data": "tensor data (ModelSpec)"}
 
 
-def _intro(layout: str, settings: Settings, metadata: dict[str, str]) -> str:
+def _licence_front_matter(licence: str) -> list[str]:
+    known = fams.LICENSES.get(licence)
+    if licence in _HUB_OTHER and known is not None:
+        return ["license: other", f"license_name: {_yaml(licence)}"] + \
+            ([f"license_link: {_yaml(known.url)}"] if known.url else [])
+    value = _HUB_UNDECLARED.get(licence, licence)
+    return [f"license: {value if re.fullmatch(r'[a-z][a-z0-9.+-]*', value) else _yaml(value)}"]
+
+
+def _licence_text(licence: str, family: fams.Family) -> str:
+    derived = (f"as a derivative of [{family.repo_id}](https://huggingface.co/{family.repo_id}) ({family.title}) "
+               f"and [{SDXL_BASE_REPO}](https://huggingface.co/{SDXL_BASE_REPO})")
+    known = fams.LICENSES.get(licence)
+    if licence == family.license and known is not None and known.url is None:
+        return f"The {family.title} weights declare no licence; this model is published {derived}."
+    name = f"the {known.title} license ({licence})" if known is not None else f"the {licence} license"
+    restriction = " It may not be used commercially." if known is not None and known.commercial is False else ""
+    return f"Released under {name}, {derived}.{restriction}"
+
+
+def _intro(layout: str, settings: Sampling, metadata: dict[str, str]) -> str:
     what = "an SDXL LoRA" if layout == "lora" else f"SDXL, {LAYOUTS[layout]}"
-    text = (f"A {settings.steps}-step SDXL-Lightning model ({what}). Sample it with exactly "
-            f"{settings.steps} step{'s' if settings.steps > 1 else ''}: Lightning models are distilled for a fixed "
-            "step count, and other counts give worse images.")
+    title, n = settings.family.title, settings.steps
+    if settings.fixed_steps:
+        text = (f"A {n}-step {title} model ({what}). Sample it with exactly {n} step{'s' if n > 1 else ''}: "
+                f"{title} models are distilled for a fixed step count, and other counts give worse images.")
+    else:
+        low, high = settings.profile.steps_range
+        text = (f"A {title} model ({what}), distilled to sample in {low} to {high} steps; {n} is the recommended "
+                "count.")
     description = metadata.get(meta.DESCRIPTION)
     return f"{description}\n\n{text}" if description else text
 
 
-def _settings_table(s: Settings, source: str) -> list[str]:
-    comfy = s.comfyui()
-    return ["## Recommended settings", "", "| | diffusers | ComfyUI |", "|---|---|---|",
-            f"| steps | `num_inference_steps={s.steps}` | steps {s.steps} |",
-            f"| sampler | `{s.scheduler}` with `timestep_spacing=\"{s.timestep_spacing}\"` | "
-            f"sampler `{comfy['sampler_name']}`, scheduler `{comfy['scheduler']}` |",
-            f"| guidance | `guidance_scale={s.guidance_scale:g}` (no classifier-free guidance) | CFG {comfy['cfg']:g} |",
-            f"| prediction | `prediction_type=\"{s.prediction_type}\"` | "
-            + (f"ModelSamplingDiscrete node, sampling `{comfy['model_sampling']}` |" if comfy["model_sampling"]
-               else "default (eps) |"),
-            "", f"(settings from the {source})" if source != "--steps" else "(settings stated by the publisher)"]
+def _scheduler_arguments(s: Sampling) -> list[str]:
+    """The keyword arguments that turn a pipeline's scheduler config into the profile's (Python source)."""
+    p = s.profile
+    changes = {"timestep_spacing": p.timestep_spacing, **dict(p.overrides),
+               "prediction_type": p.prediction_type if p.prediction_type != "epsilon" else None}
+    return [f"{k}={v!r}".replace("'", '"') for k, v in changes.items() if v is not None]
 
 
-def _diffusers_snippet(layout: str, repo_id: str, revision: str, weights: list[Upload], s: Settings) -> list[str]:
+def _call_arguments(s: Sampling) -> list[str]:
+    return [f"{k}={v:g}" if isinstance(v, float) else f"{k}={v}" for k, v in s.pipeline_kwargs().items()]
+
+
+def _source_link(source: str) -> str:
+    """A profile's source ("URL (what it says)") as a Markdown link where it starts with one."""
+    url, _, rest = source.partition(" ")
+    return f"[{url}]({url}) {rest}".rstrip() if url.startswith("https://") else source
+
+
+def _settings_table(layout: str, s: Sampling, source: str) -> list[str]:
+    comfy, p = s.comfyui(), s.profile
+    steps = f"`timesteps={list(p.timesteps)}` (exactly these)" if p.timesteps is not None else \
+        f"`num_inference_steps={s.steps}`"
+    scheduler = " with " + ", ".join(f"`{a}`" for a in _scheduler_arguments(s)) if _scheduler_arguments(s) else ""
+    comfy_sampler = (f"sampler `{comfy['sampler_name']}`, scheduler `{comfy['scheduler']}`" if s.comfyui_core
+                     else f"no core equivalent: {comfy['custom_node']}")
+    cfg = "(no classifier-free guidance)" if s.guidance_scale <= 1 else \
+        "(classifier-free guidance: negative prompts work)"
+    rows = ["## Recommended settings", "",
+            f"Sampling profile `{p.name}` of {s.family.title} (source: {_source_link(p.source)}).", "",
+            "| | diffusers | ComfyUI |", "|---|---|---|",
+            f"| steps | {steps} | steps {comfy['steps']} |",
+            f"| sampler | `{p.scheduler}`{scheduler} | {comfy_sampler} |",
+            f"| guidance | `guidance_scale={s.guidance_scale:g}` {cfg} | CFG {comfy['cfg']:g} |"]
+    if p.eta is not None:
+        rows.append(f"| eta | `eta={p.eta:g}` | eta {p.eta:g} in the custom sampler |")
+    rows.append(f"| prediction | `prediction_type=\"{p.prediction_type}\"` | "
+                + (f"ModelSamplingDiscrete node, sampling `{comfy['model_sampling']}` |" if comfy["model_sampling"]
+                   else "default (eps) |"))
+    if layout == "lora" and p.lora_strength is not None:
+        rows.append(f"| LoRA strength | `fuse_lora(lora_scale={p.lora_strength:g})` | LoraLoader strength "
+                    f"{p.lora_strength:g} |")
+    return rows + ["", f"(settings from the {source})" if not source.startswith("--")
+                   else "(settings stated by the publisher)"]
+
+
+def _diffusers_snippet(layout: str, repo_id: str, revision: str, weights: list[Upload], s: Sampling) -> list[str]:
     rev = "" if revision == "main" else f', revision="{revision}"'
     file = weights[0].path_in_repo if weights else "model.safetensors"
-    extra = ', prediction_type="sample"' if s.prediction_type == "sample" else ""
-    head = ["import torch", "from diffusers import EulerDiscreteScheduler, StableDiffusionXLPipeline"]
+    scheduler = s.profile.scheduler
+    head = ["import torch", f"from diffusers import {scheduler}, StableDiffusionXLPipeline"]
     if layout == "diffusers":
         load = [f'pipe = StableDiffusionXLPipeline.from_pretrained("{repo_id}"{rev}, torch_dtype=torch.float16)']
     elif layout == "single-file":
@@ -277,11 +384,13 @@ def _diffusers_snippet(layout: str, repo_id: str, revision: str, weights: list[U
         load = [f'path = hf_hub_download("{repo_id}", "{file}"{rev})',
                 "pipe = StableDiffusionXLPipeline.from_single_file(path, torch_dtype=torch.float16)"]
     elif layout == "lora":
+        strength = s.profile.lora_strength
         load = [f'pipe = StableDiffusionXLPipeline.from_pretrained("{SDXL_BASE_REPO}", torch_dtype=torch.float16,'
                 ' variant="fp16")  # or your own SDXL base',
-                f'pipe.load_lora_weights("{repo_id}", weight_name="{file}"{rev})', "pipe.fuse_lora()"]
+                f'pipe.load_lora_weights("{repo_id}", weight_name="{file}"{rev})',
+                "pipe.fuse_lora()" if strength in (None, 1.0) else f"pipe.fuse_lora(lora_scale={strength:g})"]
     else:  # a UNet alone: the rest of the pipeline comes from SDXL base
-        head[1] = "from diffusers import EulerDiscreteScheduler, StableDiffusionXLPipeline, UNet2DConditionModel"
+        head[1] = f"from diffusers import {scheduler}, StableDiffusionXLPipeline, UNet2DConditionModel"
         head.append("from huggingface_hub import hf_hub_download")
         if layout == "unet-single-file":
             unet = [f'unet = UNet2DConditionModel.from_single_file(hf_hub_download("{repo_id}", "{file}"{rev}),',
@@ -294,25 +403,33 @@ def _diffusers_snippet(layout: str, repo_id: str, revision: str, weights: list[U
                     "unet = unet.to(torch.float16)"]
         load = [*unet, f'pipe = StableDiffusionXLPipeline.from_pretrained("{SDXL_BASE_REPO}", unet=unet,',
                 '                                                 torch_dtype=torch.float16, variant="fp16")']
+    arguments = "".join(f", {a}" for a in _scheduler_arguments(s))
     return [*head, "", *load, 'pipe = pipe.to("cuda")', "",
-            f"# Lightning needs trailing timesteps{' and sample prediction' if extra else ''}, "
-            f"{s.steps} steps and no CFG.",
-            "pipe.scheduler = EulerDiscreteScheduler.from_config(pipe.scheduler.config, "
-            f'timestep_spacing="{s.timestep_spacing}"{extra})',
-            f'image = pipe("a lighthouse on a cliff at dawn", num_inference_steps={s.steps}, '
-            f"guidance_scale={s.guidance_scale:g}).images[0]",
-            'image.save("lightning.png")']
+            f"# {s.family.title} is distilled for this sampler ({s.profile.name}): {s.profile.scheduler}, "
+            + (f"timesteps {list(s.profile.timesteps)}" if s.profile.timesteps is not None else f"{s.steps} steps")
+            + (", no CFG." if s.guidance_scale <= 1 else f", CFG {s.guidance_scale:g}."),
+            f"pipe.scheduler = {scheduler}.from_config(pipe.scheduler.config{arguments})",
+            f'image = pipe("a lighthouse on a cliff at dawn", {", ".join(_call_arguments(s))}).images[0]',
+            'image.save("image.png")']
 
 
-def _comfyui_steps(layout: str, weights: list[Upload], s: Settings) -> list[str]:
+def _comfyui_steps(layout: str, weights: list[Upload], s: Sampling) -> list[str]:
     file = f"`{weights[0].path_in_repo}`" if weights else "the file"
     comfy = s.comfyui()
-    sampler = (f"In the KSampler node set steps {comfy['steps']}, cfg {comfy['cfg']:g}, sampler_name "
-               f"`{comfy['sampler_name']}`, scheduler `{comfy['scheduler']}`.")
+    strength = s.profile.lora_strength if s.profile.lora_strength is not None else 1.0
+    if s.comfyui_core:
+        sampler = (f"In the KSampler node set steps {comfy['steps']}, cfg {comfy['cfg']:g}, sampler_name "
+                   f"`{comfy['sampler_name']}`, scheduler `{comfy['scheduler']}`.")
+    else:
+        known = ", ".join(f"{what} `{comfy[key]}`" for key, what in (("sampler_name", "sampler_name"),
+                                                                       ("scheduler", "scheduler")) if comfy[key])
+        sampler = (f"Core ComfyUI has no equivalent of this sampler: {comfy['custom_node']}. Then set steps "
+                   f"{comfy['steps']}, cfg {comfy['cfg']:g}" + (f", {known}" if known else "")
+                   + (f", eta {comfy['eta']:g}" if comfy["eta"] is not None else "") + ".")
     place = {
         "single-file": [f"1. Put {file} in `ComfyUI/models/checkpoints` and load it with **Load Checkpoint**."],
         "lora": ["1. Load your SDXL base with **Load Checkpoint**.",
-                 f"1. Put {file} in `ComfyUI/models/loras` and add **LoraLoader** (strength 1.0) after it."],
+                 f"1. Put {file} in `ComfyUI/models/loras` and add **LoraLoader** (strength {strength:g}) after it."],
         "unet-single-file": [f"1. Put {file} in `ComfyUI/models/diffusion_models` and load it with **Load "
                              "Diffusion Model**; take CLIP and VAE from an SDXL base checkpoint."],
         "unet-diffusers": [f"1. Put {file} in `ComfyUI/models/diffusion_models` and load it with **Load Diffusion "

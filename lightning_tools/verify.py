@@ -2,8 +2,9 @@
 
 Checks run cheapest first and stop at the first layer that fails: the safetensors structure (header alone:
 catches truncated and padded files without reading the data), the size against a known reference, the sha256
-(only when there is a reference to compare with: the catalogue, the fetch manifest beside the file, or the
-file's own `modelspec.hash_sha256`), architecture sanity, and with `deep` a NaN/Inf scan tensor by tensor.
+(only when there is a reference to compare with: the few-step catalogue (lightning_tools/families), the fetch
+manifest beside the file, or the file's own `modelspec.hash_sha256`), architecture sanity, and with `deep` a
+NaN/Inf scan tensor by tensor.
 A diffusers folder is verified component by component.
 """
 
@@ -14,7 +15,8 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from lightning_tools import catalog, hub, lora, support
+from lightning_tools import families as fams
+from lightning_tools import hub, lora, support
 from lightning_tools import provenance as prov
 from lightning_tools.errors import UserError
 from lightning_tools.outputs import os_error
@@ -22,6 +24,7 @@ from lightning_tools.report import Report
 from lightning_tools.sdxl import detect
 from lightning_tools.sdxl.vocabulary import COMPONENT_NAMES
 from lightning_tools.stream import lazy_tensors, scan
+from lightning_tools.pickles import PickleFile
 from lightning_tools.tensors import SafetensorsFile, TensorSource, hash_file, hash_file_and_data, open_file, weight_files
 
 
@@ -136,8 +139,7 @@ def _verify_unit(path: Path, component: str | None, deep: bool, configs: Mapping
     source = TensorSource(opened)
     try:
         for f in opened:
-            if isinstance(f, SafetensorsFile):
-                _check_identity(f, report)
+            _check_identity(f, report)
         if report.problems:
             return report
         _check_architecture(path, component, source, report, configs)
@@ -153,19 +155,27 @@ def _reason(e: UserError, path: Path) -> str:
     return e.message if e.path is not None and Path(e.path) == path else str(e)
 
 
-def _check_identity(f: SafetensorsFile, report: FileReport) -> None:
+def _catalogued(file: fams.FamilyFile) -> str:
+    return f"catalogue: {fams.family(file.family).repo_id}/{file.filename}"
+
+
+def _check_identity(f: SafetensorsFile | PickleFile, report: FileReport) -> None:
     """Compare size, then sha256, against every reference the file has; hash only when one exists."""
     size = f.path.stat().st_size
     name = "" if len(report.files) == 1 else f"{f.path.name}: "  # shards of one component: say which
     whole: list[tuple[str, str]] = []  # (what the reference is, sha256 of the whole file)
-    # A file we wrote (say the all-in-one built from the UNet release) may carry an official name; its own
-    # metadata says what it is, so its name is not a claim to be the official download.
-    entry = catalog.by_filename(f.path.name) if prov.TOOL not in f.metadata else None
+    # A file we wrote (say the all-in-one built from the UNet release) may carry a published name; its own
+    # metadata says what it is, so its name is not a claim to be the published download.
+    ours = prov.TOOL in f.metadata
+    entry = fams.by_filename(f.path.name) if not ours else None
     if entry is not None:
-        what = f"catalogue: {catalog.REPO_ID}/{entry.filename}"
-        if entry.size_confirmed and size != entry.size:
+        what = _catalogued(entry)
+        if entry.size is not None and entry.size_confirmed and size != entry.size:
             report.problems.append(f"{name}{size} bytes but {what} has {entry.size}")
-        whole.append((what, entry.sha256))
+        if entry.sha256 is not None:
+            whole.append((what, entry.sha256))
+        else:
+            report.notes.append(f"{name}{what} has no pinned sha256 (fetch checks the hub's)")
     recorded = hub.manifest_entry(f.path)
     if recorded is not None:
         what = f"manifest: {recorded.get('repo_id')}@{str(recorded.get('revision'))[:12]}"
@@ -173,16 +183,24 @@ def _check_identity(f: SafetensorsFile, report: FileReport) -> None:
             report.problems.append(f"{name}{size} bytes but {what} recorded {recorded['size']}")
         whole.append((what, recorded["sha256"]))
     spec = prov.data_hash(f.metadata)
+    # diffusers' default LoRA name, shared by catalogued files (TCD, LCM-LoRA): their hashes may tell which it is
+    generic = [c for c in fams.files_named(f.path.name) if not c.name_identifies and c.sha256] if not ours else []
     if report.problems:
         return  # a size mismatch already proves the bytes differ: no need to hash
-    if whole:
+    if whole or (generic and spec is None):
         digest = hash_file(f.path)
         report.sha256 = digest if len(report.files) == 1 else None
+        published = fams.by_sha256(digest)
+        if published is not None and entry is None:
+            report.identity.append({"reference": _catalogued(published), "sha256": digest})
+        if not whole:  # only the candidates a generic name suggests, and none of them is a claim
+            if published is not None:
+                report.checks.append("sha256")
+            else:
+                report.notes.append(f"{name}not the {' or '.join(fams.family(c.family).title for c in generic)} "
+                                    f"file of that name (every diffusers LoRA is called {f.path.name})")
+            return
         references = whole
-        official = catalog.by_sha256(digest)
-        if official is not None and entry is None:
-            report.identity.append({"reference": f"catalogue: {catalog.REPO_ID}/{official.filename}",
-                                    "sha256": digest})
     elif spec is not None:
         whole_file, digest = hash_file_and_data(f.path, f.data_start)
         report.sha256 = whole_file if len(report.files) == 1 else None  # publish reuses it: no second read
@@ -236,7 +254,7 @@ def _check_architecture(path: Path, component: str | None, source: TensorSource,
 
 def _claims_sdxl(path: Path, source: TensorSource) -> str | None:
     """What says this file is SDXL: its catalogue name or its ModelSpec architecture."""
-    if catalog.by_filename(path.name) is not None:
+    if fams.by_filename(path.name) is not None:
         return "its catalogue file name"
     if source.metadata.get(prov.ARCHITECTURE, "").startswith(prov.ARCH_BASE):
         return "its modelspec.architecture"

@@ -13,10 +13,9 @@ from pathlib import Path
 
 import pytest
 
-from lightning_tools.sdxl import SDXL_BASE_REPO
-from lightning_tools import catalog
 from lightning_tools import families as fams
 from lightning_tools.errors import CorruptFile, UserError
+from lightning_tools.sdxl import SDXL_BASE_REPO
 
 SDXL_SCHEDULER = Path(fams.__file__).parent.parent / "sdxl/configs/sdxl-base/scheduler/scheduler_config.json"
 FAMILIES = {"lightning", "hyper_sd", "dmd2", "tcd", "pcm", "lcm_lora", "sdxl_turbo"}
@@ -123,26 +122,44 @@ def test_licences_say_which_families_are_non_commercial():
     assert commercial["pcm"] is None  # the weights repo declares no licence
 
 
+# The official SDXL-Lightning files as catalog.py pinned them before the families (ByteDance/SDXL-Lightning at
+# c9a24f48): name -> steps, kind, size, size confirmed, sha256 prefix, prediction type.
+LIGHTNING_FILES = {
+    "sdxl_lightning_1step_unet_x0.safetensors": (1, "unet", 5135149736, True, "14d53ad5b440", "sample"),
+    "sdxl_lightning_2step_unet.safetensors": (2, "unet", 5135149736, True, "15a96a3b213b", "epsilon"),
+    "sdxl_lightning_4step_unet.safetensors": (4, "unet", 5135149736, True, "39a90a8a2a25", "epsilon"),
+    "sdxl_lightning_8step_unet.safetensors": (8, "unet", 5135149736, False, "471d8260fda0", "epsilon"),
+    "sdxl_lightning_2step_lora.safetensors": (2, "lora", 393854592, True, "04fafc778385", "epsilon"),
+    "sdxl_lightning_4step_lora.safetensors": (4, "lora", 393854592, True, "bf56cf2657ef", "epsilon"),
+    "sdxl_lightning_8step_lora.safetensors": (8, "lora", 393854592, True, "5aa30d94cdf7", "epsilon"),
+    "sdxl_lightning_1step_x0.safetensors": (1, "full", 6938040682, True, "dd8d4c2b341c", "sample"),
+    "sdxl_lightning_2step.safetensors": (2, "full", 6938040682, True, "87e61f60b85d", "epsilon"),
+    "sdxl_lightning_4step.safetensors": (4, "full", 6938040682, True, "e0d996ee0013", "epsilon"),
+    "sdxl_lightning_8step.safetensors": (8, "full", 6938040682, True, "43f0501ac4ff", "epsilon"),
+}
+
+
 def test_lightning_moved_from_catalog_unchanged():
     lightning = fams.family("lightning")
-    assert (lightning.repo_id, lightning.revision) == (catalog.REPO_ID, catalog.REVISION)
+    assert (lightning.repo_id, lightning.revision) == ("ByteDance/SDXL-Lightning",
+                                                      "c9a24f48e1c025556787b0c58dd67a091ece2e44")
     assert lightning.base_model == SDXL_BASE_REPO
-    moved = [(f.filename, f.steps, f.kind, f.size, f.size_confirmed, f.sha256, f.prediction_type)
-             for f in lightning.files]
-    assert moved == [(e.filename, e.steps, e.kind, e.size, e.size_confirmed, e.sha256, e.prediction_type)
-                     for e in catalog.CATALOG]
+    assert {f.filename: (f.steps, f.kind, f.size, f.size_confirmed, f.sha256[:12], f.prediction_type)
+            for f in lightning.files} == LIGHTNING_FILES
 
 
-def test_lightning_profiles_agree_with_catalog_settings():
-    """The lead switches render and the ComfyUI export over to profiles: for Lightning nothing may change."""
+def test_lightning_profiles_sample_as_catalog_settings_did():
+    """Render and the ComfyUI export moved from catalog.Settings to profiles: for Lightning nothing changed (Euler,
+    trailing, the file's steps and prediction type, no CFG; ComfyUI euler + sgm_uniform at cfg 1)."""
     base = json.loads(SDXL_SCHEDULER.read_text())
     for f in fams.family("lightning").files:
-        settings = catalog.CatalogEntry(f.filename, f.steps, f.kind, 0, True, "", f.prediction_type).settings
-        assert f.profile.scheduler_config(base) == settings.scheduler_config(base)
-        assert f.pipeline_kwargs() == {"num_inference_steps": settings.steps,
-                                       "guidance_scale": settings.guidance_scale}
-        comfy = f.comfyui()
-        assert comfy == settings.comfyui() | {"eta": None, "custom_node": None}
+        assert f.profile.scheduler_config(base) == base | {
+            "_class_name": "EulerDiscreteScheduler", "timestep_spacing": "trailing",
+            "prediction_type": f.prediction_type}
+        assert f.pipeline_kwargs() == {"num_inference_steps": f.steps, "guidance_scale": 0.0}
+        assert f.comfyui() == {"sampler_name": "euler", "scheduler": "sgm_uniform", "steps": f.steps, "cfg": 1.0,
+                               "denoise": 1.0, "model_sampling": "x0" if f.prediction_type == "sample" else None,
+                               "eta": None, "custom_node": None}
 
 
 # ----------------------------------------------------------------------------------- sampling through diffusers

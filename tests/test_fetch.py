@@ -14,10 +14,12 @@ from pathlib import Path
 
 import pytest
 
-from lightning_tools import catalog, hub
+from lightning_tools import hub
+from lightning_tools.families import family
 
-LORA4 = catalog.find(4, "lora")
-UNET8 = catalog.find(8, "unet")  # its size is unconfirmed, so only its hash decides
+LIGHTNING = family("lightning")
+LORA4 = LIGHTNING.find(4, "lora")
+UNET8 = LIGHTNING.find(8, "unet")  # its size is unconfirmed, so only its hash decides
 MIRROR = "someone/sdxl-lightning-mirror"
 
 
@@ -77,21 +79,21 @@ def test_second_fetch_from_cache_downloads_nothing_and_cache_path_has_identity(h
 def test_official_repo_refuses_bytes_the_hub_lists_with_another_hash(hub_server, cli, tmp_path):
     """An honest hub listing a different sha256 than the catalogue: refused before any byte is downloaded."""
     data = payload(4)
-    hub_server.add_file(catalog.REPO_ID, UNET8.filename, data)
+    hub_server.add_file(LIGHTNING.repo_id, UNET8.filename, data)
 
     result = cli("fetch", "--steps", 8, "--kind", "unet", "--revision", "main", "--dest", tmp_path, ok=False)
 
     message = result.stderr.strip()
     assert len(message.splitlines()) == 1 and "Traceback" not in result.output
     assert UNET8.filename in message and sha(data) in message and UNET8.sha256 in message
-    assert hub_server.downloads[(catalog.REPO_ID, UNET8.filename)] == 0
+    assert hub_server.downloads[(LIGHTNING.repo_id, UNET8.filename)] == 0
     assert not (tmp_path / UNET8.filename).exists()
 
 
 def test_official_repo_refuses_wrong_bytes_after_download_and_cleans_cache(hub_server, cli, tmp_path):
     """A hub whose metadata claims the pinned hash but serves other bytes: caught by hashing what arrived."""
     data = payload(5)
-    hub_server.add_file(catalog.REPO_ID, UNET8.filename, data, sha256=UNET8.sha256)
+    hub_server.add_file(LIGHTNING.repo_id, UNET8.filename, data, sha256=UNET8.sha256)
     dest = tmp_path / "dest"
 
     result = cli("fetch", "--steps", 8, "--kind", "unet", "--revision", "main", "--dest", dest, ok=False)
@@ -99,18 +101,18 @@ def test_official_repo_refuses_wrong_bytes_after_download_and_cleans_cache(hub_s
     message = result.stderr.strip()
     assert len(message.splitlines()) == 1
     assert UNET8.filename in message and sha(data) in message and UNET8.sha256 in message
-    assert hub_server.downloads[(catalog.REPO_ID, UNET8.filename)] == 1
+    assert hub_server.downloads[(LIGHTNING.repo_id, UNET8.filename)] == 1
     assert not (dest / UNET8.filename).exists() and not list(dest.glob("*"))
     assert cache_blobs() == []
 
 
 def test_official_lora_with_wrong_size_is_refused_before_download(hub_server, cli):
-    hub_server.add_file(catalog.REPO_ID, LORA4.filename, payload(6), sha256=LORA4.sha256)
+    hub_server.add_file(LIGHTNING.repo_id, LORA4.filename, payload(6), sha256=LORA4.sha256)
 
     result = cli("fetch", "--steps", 4, "--kind", "lora", "--revision", "main", ok=False)
 
     assert "393854592" in result.stderr and LORA4.filename in result.stderr
-    assert hub_server.downloads[(catalog.REPO_ID, LORA4.filename)] == 0
+    assert hub_server.downloads[(LIGHTNING.repo_id, LORA4.filename)] == 0
 
 
 def test_mirror_serving_other_bytes_than_it_lists_is_refused(hub_server, cli, tmp_path):
@@ -193,3 +195,38 @@ def test_unreachable_hub_is_one_line_and_quick(cli):
 
 def test_fetch_needs_a_selection(cli):
     assert "--steps" in cli("fetch", ok=False).stderr
+
+
+def test_a_hash_not_pinned_is_checked_against_the_official_listing_and_said_so(hub_server, cli, tmp_path):
+    """PCM's 16-step LoRA has no sha256 in the catalogue: the family's own repo lists one, and the bytes must match
+    it. The file lives under sdxl/ in the repo and lands in --dest under its own name."""
+    pcm = family("pcm")
+    wanted = pcm.find(16, "lora")
+    data = payload(13)
+    hub_server.add_file(pcm.repo_id, wanted.filename, data)
+
+    result = cli("fetch", "--family", "pcm", "--steps", 16, "--kind", "lora", "--revision", "main", "--dest",
+                 tmp_path, ok=True)
+
+    assert result.stdout.strip() == str(tmp_path / wanted.name) and (tmp_path / wanted.name).read_bytes() == data
+    assert "not pinned in the catalogue" in result.stderr and wanted.filename.startswith("sdxl/")
+    record = json.loads(cli("fetch", "--family", "pcm", "--steps", 16, "--kind", "lora", "--revision", "main",
+                            "--dest", tmp_path, "--json", ok=True).stdout)[0]
+    assert (record["pinned"], record["official"], record["path_in_repo"], record["sha256"]) == \
+        (False, True, wanted.filename, sha(data))
+    assert record["action"] == "already present" and hub.manifest_entry(tmp_path / wanted.name)["sha256"] == sha(data)
+
+    lying = family("dmd2").find(1, "unet")  # a torch pickle whose hash is not pinned either
+    hub_server.add_file(family("dmd2").repo_id, lying.filename, payload(14), lfs=True,
+                        sha256=sha(b"what the hub claims"))
+    refused = cli("fetch", "--family", "dmd2", "--steps", 1, "--kind", "unet", "--revision", "main", ok=False)
+    assert sha(b"what the hub claims") in refused.stderr and "not pinned in the catalogue" in refused.stderr
+
+
+def test_variant_picks_among_files_of_the_same_steps_and_kind(hub_server, cli):
+    hub_server.add_file(family("dmd2").repo_id, "README.md", b"card")
+    result = cli("fetch", "--family", "dmd2", "--steps", 4, "--kind", "unet", "--variant", "pickle", "--revision",
+                 "main", ok=False)
+    assert "no file dmd2_sdxl_4step_unet_fp16.bin" in result.stderr
+    unknown = cli("fetch", "--family", "dmd2", "--steps", 4, "--kind", "unet", "--variant", "bf16", ok=False)
+    assert "choose one with --variant" in unknown.stderr and "pickle (dmd2_sdxl_4step_unet_fp16.bin)" in unknown.stderr

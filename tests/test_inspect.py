@@ -6,11 +6,12 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from lightning_tools import catalog, lora
+from lightning_tools import lora
 from lightning_tools import provenance as meta
 from lightning_tools.checkpoint import open_checkpoint, write_checkpoint
 from lightning_tools.inspect import inspect_path
 from lightning_tools.lora import module_names
+from lightning_tools.sampling import lightning
 from lightning_tools.sdxl.keys import unet_names
 from lightning_tools.tiny import tiny_unet_config
 
@@ -108,12 +109,29 @@ def test_catalogue_name_gives_identity_hint_and_settings(files, tmp_path, cli):
     assert hashed["settings"]["prediction_type"] == "sample"
 
 
+def test_family_names_identify_files_and_generic_names_do_not(files, tmp_path, cli):
+    hyper = tmp_path / "Hyper-SDXL-8steps-CFG-lora.safetensors"
+    shutil.copy(files["kohya-diffusers"], hyper)
+    info = inspect_path(hyper).to_json()
+    assert (info["identity"]["family"], info["identity"]["profile"], info["identity"]["license"]) == \
+        ("hyper_sd", "ddim-trailing-cfg", "openrail++")
+    assert info["identity"]["matched_by"].startswith("name only")  # a tiny stand-in: the size differs
+    assert (info["settings"]["profile"], info["settings"]["guidance_scale"]) == ("ddim-trailing-cfg", 5.0)
+    assert "Hyper-SD ByteDance/Hyper-SD/Hyper-SDXL-8steps-CFG-lora.safetensors" in inspect_path(hyper).describe()
+
+    generic = tmp_path / "pytorch_lora_weights.safetensors"
+    shutil.copy(files["kohya-diffusers"], generic)
+    info = inspect_path(generic).to_json()
+    assert {c["family"] for c in info["identity"]["candidates"]} == {"tcd", "lcm_lora"}
+    assert info["settings"] is None and "use --hash" in inspect_path(generic).describe()
+    hashed = json.loads(cli("inspect", generic, "--hash", "--json", ok=True).stdout)
+    assert hashed["identity"] is None  # not TCD's or LCM-LoRA's bytes: just a LoRA with diffusers' default name
+
+
 def test_our_metadata_is_shown_readably(files, tmp_path, cli):
     path = tmp_path / "merged_lora.safetensors"
     source = meta.Source("lora", "sdxl_lightning_4step_lora.safetensors", "ab" * 32, strength=0.8)
-    settings = catalog.recommended_settings(4)
-    metadata = meta.modelspec("merged", lora=True) | meta.provenance("merge", [source], steps=4,
-                                                                      settings=settings.as_dict())
+    metadata = meta.modelspec("merged", lora=True) | meta.lightning_provenance("merge", [source], lightning(4))
     lora.write_lora(lora.read_lora(files["kohya-diffusers"]).modules, path, metadata=metadata)
     info = json.loads(cli("inspect", path, "--json", ok=True).stdout)
     assert info["settings"]["from"] == "metadata" and info["settings"]["steps"] == 4

@@ -11,14 +11,17 @@ import pytest
 import yaml
 from PIL import Image
 
-from lightning_tools import catalog, publish
+from lightning_tools import publish
 from lightning_tools import provenance as metadata
+from lightning_tools.families import family
 from lightning_tools.provenance import with_data_hash
+from lightning_tools.sampling import for_file, lightning
 from lightning_tools.stream import LazyTensor, write_file
 from lightning_tools.tensors import SafetensorsFile
 
 TOKEN = "hf_local_test_token"
-LORA4 = catalog.find(4, "lora")
+LIGHTNING = family("lightning")
+LORA4 = LIGHTNING.find(4, "lora")
 
 
 def front_matter(card: str) -> dict:
@@ -33,8 +36,7 @@ def merged_folder(pipeline_copy) -> Path:
     source = SafetensorsFile(unet)
     sources = [metadata.Source("base", "my_base.safetensors", "ab" * 32),
                metadata.Source("lora", LORA4.filename, LORA4.sha256, 0.8)]
-    meta = metadata.modelspec("My Lightning merge") | metadata.provenance(
-        "merge", sources, steps=4, prediction_type="epsilon", settings=catalog.recommended_settings(4).as_dict())
+    meta = metadata.modelspec("My Lightning merge") | metadata.lightning_provenance("merge", sources, lightning(4))
     rewritten = unet.with_name("rewritten.safetensors")
     write_file(rewritten, {k: LazyTensor.of(source, k) for k in source}, metadata=with_data_hash(meta))
     os.replace(rewritten, unet)
@@ -67,7 +69,7 @@ def test_dry_run_card_states_sources_settings_and_usage(merged_folder, hub_serve
     card = card_path.read_text()
     front = front_matter(card)
     assert front["license"] == "openrail++" and front["library_name"] == "diffusers"
-    assert front["base_model"] == [catalog.REPO_ID, "someone/custom-sdxl"]
+    assert front["base_model"] == [LIGHTNING.repo_id, "someone/custom-sdxl"]
     assert front["base_model_relation"] == "merge" and "sdxl-lightning" in front["tags"]
     assert "# My Lightning merge" in card
     # what was merged: both sources, their hashes, the strength, and that the LoRA is the official file
@@ -83,7 +85,7 @@ def test_dry_run_card_states_sources_settings_and_usage(merged_folder, hub_serve
 
 
 def test_card_for_an_x0_single_file_sets_sample_prediction():
-    settings = catalog.find(1, "full").settings
+    settings = for_file(LIGHTNING.find(1, "full"))
     upload = publish.Upload("sdxl_lightning_1step_x0.safetensors", Path("x"), 1, "0" * 64)
 
     card = publish.render_card("me/one-step", "main", "single-file", {}, settings, "catalog", [upload])

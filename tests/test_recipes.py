@@ -17,7 +17,7 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from lightning_tools import catalog
+from lightning_tools.families import family
 from lightning_tools.recipes import LOCK_FILE, STATE_FILE
 
 PACKAGE = Path(__file__).resolve().parent.parent / "lightning_tools"
@@ -90,7 +90,7 @@ def test_runner_and_demo_never_import_the_cli():
 
 def test_bake_recipe_end_to_end_then_rerun_skips_then_a_changed_option_reruns_what_it_touches(
         hub_server, cli, tiny_pipeline, tiny_lora, tiny_single_file, tmp_path, monkeypatch):
-    hub_server.add_file(MIRROR, catalog.find(4, "lora").filename, tiny_lora.read_bytes())
+    hub_server.add_file(MIRROR, family("lightning").find(4, "lora").filename, tiny_lora.read_bytes())
     hub_server.token = TOKEN
     monkeypatch.setenv("HF_TOKEN", TOKEN)
     work = tmp_path / "build"
@@ -101,7 +101,7 @@ def test_bake_recipe_end_to_end_then_rerun_skips_then_a_changed_option_reruns_wh
     first = json.loads(cli(*args, ok=True).stdout)
 
     assert [s["status"] for s in first] == ["ran"] * 6
-    fetched = work / "downloads" / catalog.find(4, "lora").filename
+    fetched = work / "downloads" / family("lightning").find(4, "lora").filename
     assert first[0]["output"] == str(fetched.resolve())  # {lightning_lora} is the fetch command's returned file
     assert first[1]["argv"][first[1]["argv"].index("--lora") + 1] == str(fetched.resolve())
     merged = work / "my-sdxl-lightning-4step.safetensors"
@@ -135,7 +135,7 @@ def test_comfyui_allinone_recipe_builds_a_loadable_checkpoint(hub_server, cli, t
     lightning = {k: v + 0.01 for k, v in unet.items()}  # a stand-in 'distilled' UNet in diffusers names
     unet_file = tmp_path / "unet.safetensors"
     save_file(lightning, str(unet_file))
-    hub_server.add_file(MIRROR, catalog.find(4, "unet").filename, unet_file.read_bytes())
+    hub_server.add_file(MIRROR, family("lightning").find(4, "unet").filename, unet_file.read_bytes())
     work = tmp_path / "build"
 
     cli("run", RECIPES / "comfyui-allinone-from-unet.toml", "--allow-outside", "--set", f"workdir={work}",

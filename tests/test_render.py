@@ -12,10 +12,11 @@ from pathlib import Path
 import pytest
 import torch
 
-from lightning_tools import catalog, comfyui
+from lightning_tools import comfyui
 from lightning_tools.errors import ChecksFailed
 from lightning_tools.render import checks, pipeline
 from lightning_tools.render import plan as planning
+from lightning_tools.sampling import lightning
 
 TRAILING = {1: [999], 2: [999, 499], 4: [999, 749, 499, 249], 8: [999, 874, 749, 624, 499, 374, 249, 124]}
 SMALL = ("--device", "cpu", "--height", "64", "--width", "64", "--prompt", "a red cat")
@@ -49,7 +50,7 @@ def test_scheduler_uses_the_trailing_timestep_table(tiny_pipeline, steps):
 
     base_config = EulerDiscreteScheduler.load_config(tiny_pipeline / "scheduler")
     assert base_config["timestep_spacing"] == "leading"  # the base's own spacing must be replaced
-    scheduler = pipeline.lightning_scheduler(base_config, catalog.recommended_settings(steps))
+    scheduler = pipeline.scheduler_for(base_config, lightning(steps))
     scheduler.set_timesteps(steps)
     assert scheduler.timesteps.tolist() == TRAILING[steps]
 
@@ -192,7 +193,7 @@ def test_steps_mismatch_warns_loudly_with_the_right_setting(cli, tiny_lora, tiny
 
 def test_resolve_warns_for_x0_with_epsilon_and_for_cfg(tiny_pipeline):
     model = planning.open_model(tiny_pipeline)
-    x0 = catalog.recommended_settings(1, "sample")
+    x0 = lightning(1, "sample")
     plan = planning.resolve(model, x0, "file name", None, "epsilon", 5.0)
     assert plan.settings.prediction_type == "epsilon" and plan.settings.guidance_scale == 5.0
     assert any("--prediction-type sample" in w for w in plan.warnings)

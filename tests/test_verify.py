@@ -210,3 +210,23 @@ def test_bad_input_is_a_one_line_failure(tmp_path, cli, make, reason):
     result = cli("verify", make(tmp_path), ok=False)
     assert reason in result.stdout and "Traceback" not in result.output
     assert result.stderr.count("\n") == 1 and isinstance(result.exception, SystemExit)
+
+
+def test_files_of_every_family_are_checked_against_the_catalogue(tiny_pipeline, tiny_lora, tmp_path):
+    """DMD2 ships torch pickles: one with a pinned size (so a wrong size fails without hashing), one with none
+    (said so); diffusers' default LoRA name (TCD, LCM-LoRA) is hashed against both and is not a claim."""
+    from safetensors.torch import load_file
+
+    unet = load_file(str(tiny_pipeline / "unet" / "diffusion_pytorch_model.safetensors"))
+    unpinned, sized = tmp_path / "dmd2_sdxl_1step_unet_fp16.bin", tmp_path / "dmd2_sdxl_1step_unet.bin"
+    for path in (unpinned, sized):
+        torch.save(unet, path)
+    generic = shutil.copy(tiny_lora, tmp_path / "pytorch_lora_weights.safetensors")
+
+    reports = verify_paths([unpinned, sized, generic], config_dir=tiny_pipeline).files
+
+    assert reports[0].ok and "architecture" in reports[0].checks
+    assert any("tianweiy/DMD2/dmd2_sdxl_1step_unet_fp16.bin has no pinned sha256" in n for n in reports[0].notes)
+    assert not reports[1].ok and "10270866889" in reports[1].problems[0] and reports[1].sha256 is None
+    assert reports[2].ok and reports[2].sha256 is not None
+    assert any("not the LCM-LoRA or TCD file of that name" in n for n in reports[2].notes)

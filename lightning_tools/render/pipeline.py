@@ -1,9 +1,10 @@
 """A diffusers `StableDiffusionXLPipeline` built from any model render takes, through the one stream.
 
 Every kind opens as a lazy `Checkpoint` (a diffusers folder, an all-in-one file, a UNet-only file completed by
-`--base`, a LoRA merged into `--base` exactly as `merge` bakes it) and each component is filled from a state
-dict the stream produces, so render samples what our conversions and merges write, reads pickles only through
-the safe path, and needs the network for nothing but SDXL's tokenizers when no folder has them.
+`--base`, a LoRA merged into `--base` exactly as `merge` bakes it, at the plan's strength) and each component is
+filled from a state dict the stream produces, so render samples what our conversions and merges write, reads
+pickles only through the safe path, and needs the network for nothing but SDXL's tokenizers when no folder has
+them.
 """
 
 from __future__ import annotations
@@ -15,12 +16,13 @@ from pathlib import Path
 
 import torch
 
-from lightning_tools import catalog, support
+from lightning_tools import support
 from lightning_tools.checkpoint import Checkpoint, installed_names, open_checkpoint, with_base
 from lightning_tools.errors import UserError
 from lightning_tools.lora import modules_of_keys, read_lora
 from lightning_tools.merge import apply_plan, plan_merge
 from lightning_tools.render.plan import Model
+from lightning_tools.sampling import Sampling
 from lightning_tools.sdxl.vocabulary import COMPONENTS
 from lightning_tools.stream import LazyTensor, state_dict
 
@@ -40,7 +42,8 @@ class Accelerations:
 
 
 def checkpoint_for(model: Model) -> Checkpoint:
-    """The whole model to render as one lazy checkpoint: a UNet completed by its base, a LoRA merged into it."""
+    """The whole model to render as one lazy checkpoint: a UNet completed by its base, a LoRA merged into it at
+    `model.lora_strength` (1 when no plan chose one)."""
     if model.kind in ("diffusers", "single-file"):
         return open_checkpoint(model.path, model.config_dir)
     assert model.base is not None
@@ -49,7 +52,8 @@ def checkpoint_for(model: Model) -> Checkpoint:
     if model.kind == "unet":
         return with_base(open_checkpoint(model.path, model.config_dir or base_configs), base)
     targets = {c: modules_of_keys(t, c) for c, t in base.components.items() if c != "vae"}
-    plan = plan_merge(base, [read_lora(model.path, targets, base.configs["unet"])], [1.0])
+    strength = 1.0 if model.lora_strength is None else model.lora_strength
+    plan = plan_merge(base, [read_lora(model.path, targets, base.configs["unet"])], [strength])
     if plan.unmatched:
         raise UserError(f"{len(plan.unmatched)} LoRA modules find no weight of the base ({plan.unmatched[0]}); is "
                         "the LoRA for SDXL?", path=model.path)
@@ -115,17 +119,19 @@ def _empty(component: str, config: Mapping) -> torch.nn.Module:
     return cls(CLIPTextConfig.from_dict(dict(config)))
 
 
-def lightning_scheduler(config, settings: catalog.Settings):
-    """The model card's scheduler: the base's scheduler config with trailing spacing and the model's prediction."""
+def scheduler_for(config, settings: Sampling):
+    """The scheduler the model's family samples with, as its card builds it: the base's scheduler config turned
+    into the profile's class, spacing, prediction type and further entries."""
     import diffusers
 
-    return getattr(diffusers, settings.scheduler).from_config(settings.scheduler_config(dict(config)))
+    changed = settings.scheduler_config(dict(config))
+    return getattr(diffusers, changed["_class_name"]).from_config(changed)
 
 
-def prepare(pipe, settings: catalog.Settings, device: torch.device, dtype: torch.dtype,
+def prepare(pipe, settings: Sampling, device: torch.device, dtype: torch.dtype,
             accelerations: Accelerations | None = None):
-    """Put the Lightning scheduler in, move to `device`, keep a VAE that overflows in fp16 in fp32, speed up."""
-    pipe.scheduler = lightning_scheduler(pipe.scheduler.config, settings)
+    """Put the profile's scheduler in, move to `device`, keep a VAE that overflows in fp16 in fp32, speed up."""
+    pipe.scheduler = scheduler_for(pipe.scheduler.config, settings)
     pipe.to(device)
     # diffusers upcasts such a VAE inside every call and casts it back afterwards; keeping it in fp32 decodes
     # the same way without moving its weights twice per call. An fp16-fix VAE (force_upcast false) stays fp16.
@@ -140,24 +146,26 @@ def prepare(pipe, settings: catalog.Settings, device: torch.device, dtype: torch
     return pipe
 
 
-def render_batch(pipe, settings: catalog.Settings, batch: Sequence[tuple[str, int]], height: int,
+def render_batch(pipe, settings: Sampling, batch: Sequence[tuple[str, int]], height: int,
                  width: int) -> torch.Tensor:
     """Decoded images (B x 3 x H x W, float32 on the CPU, nominally in [-1, 1]) before any clamping, so checks
-    see NaNs and overflow. One CPU generator per image: an image depends on its seed, not on the batch or device."""
+    see NaNs and overflow. The profile gives steps or explicit timesteps, guidance and eta. One CPU generator per
+    image: an image depends on its seed, not on the batch or device."""
     generators = [torch.Generator("cpu").manual_seed(seed) for _, seed in batch]
     with torch.inference_mode():
-        latents = pipe(prompt=[prompt for prompt, _ in batch], num_inference_steps=settings.steps,
-                       guidance_scale=settings.guidance_scale, height=height, width=width, generator=generators,
-                       output_type="latent").images
+        latents = pipe(prompt=[prompt for prompt, _ in batch], **settings.pipeline_kwargs(), height=height,
+                       width=width, generator=generators, output_type="latent").images
         vae = pipe.vae
         decoded = vae.decode(latents.to(vae.dtype) / vae.config.scaling_factor, return_dict=False)[0]
     return decoded.float().cpu()
 
 
 def scheduler_report(scheduler) -> dict:
-    """The scheduler exactly as it ran: class, spacing, prediction type, the timesteps and sigmas it used."""
+    """The scheduler exactly as it ran: class, spacing, prediction type, the timesteps it used and its sigmas
+    (None for schedulers that have none: DDIM, LCM, TCD)."""
     config = dict(scheduler.config)
+    sigmas = getattr(scheduler, "sigmas", None)
     return {"class": type(scheduler).__name__, "timestep_spacing": config.get("timestep_spacing"),
             "prediction_type": config.get("prediction_type"),
             "timesteps": [round(float(t), 4) for t in scheduler.timesteps],
-            "sigmas": [round(float(s), 6) for s in scheduler.sigmas], "config": config}
+            "sigmas": [round(float(s), 6) for s in sigmas] if sigmas is not None else None, "config": config}

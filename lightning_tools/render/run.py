@@ -1,7 +1,7 @@
 """`render`: validation images with the sampler settings a checkpoint was distilled for, checked, in a report.
 
 The last gate before a merged or converted checkpoint ships: render a fixed prompt set with the checkpoint's own
-settings (Euler, trailing timesteps, no CFG, its step count and prediction type), check every image is sane,
+sampling profile (its family's scheduler, timesteps, guidance and eta at its step count), check every image is sane,
 optionally compare each with the image of the same prompt and seed in a previous render, and write a report a
 CI job can gate on (exit 3 when an image fails).
 """
@@ -95,10 +95,14 @@ class RenderReport(Report):
     def describe(self) -> str:
         scheduler = self.scheduler
         memory = self.peak_gpu_memory_bytes
+        settings, strength = self.settings, self.model.get("lora_strength")
         lines = [f"rendered {len(self.images)} images of {self.model['path']} into {self.out}",
+                 f"  profile {settings['family']} {settings['profile']} (from {self.settings_source or 'defaults'})"
+                 + (f", LoRA strength {strength:g}" if strength is not None else ""),
                  f"  {self.steps} steps, {scheduler['class']} {scheduler['timestep_spacing']} "
                  f"{scheduler['prediction_type']}, timesteps {scheduler['timesteps']}, "
-                 f"guidance {self.guidance_scale:g} (settings from {self.settings_source or 'defaults'})",
+                 f"guidance {self.guidance_scale:g}" + (f", eta {settings['eta']:g}" if settings["eta"] is not None
+                                                         else ""),
                  f"  {self.device} {self.dtype}: {self.seconds_per_image:.3f} s/image"
                  + (f", peak GPU memory {memory / 2**30:.2f} GiB" if memory else "")]
         failed = self.failures()
