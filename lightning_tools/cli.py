@@ -42,7 +42,7 @@ class _Group(click.Group):
         extra.pop("standalone_mode", None)
         try:
             with signals_as_errors():
-                super().main(args, prog_name or "lightning-tools", standalone_mode=False,
+                super().main(args, prog_name or self.name, standalone_mode=False,
                              obj={"debug": debug, "verbose": verbose}, **extra)
         except click.exceptions.Exit as e:
             sys.exit(e.exit_code)
@@ -54,8 +54,11 @@ class _Group(click.Group):
         except click.ClickException as e:
             if debug:
                 raise
-            command = e.ctx.command_path if getattr(e, "ctx", None) else "lightning-tools"
-            _fail(f"{e.format_message()} (see `{command} --help`)", 2)
+            _fail(f"{' '.join(e.format_message().split())} (see `{self._help_for(args)}`)", 2)
+        except UsageError as e:
+            if debug:
+                raise
+            _fail(f"{e} (see `{self._help_for(args)}`)", e.exit_code)
         except (UserError, Interrupted) as e:
             if debug:
                 raise
@@ -68,6 +71,12 @@ class _Group(click.Group):
 
             failure = os_error(e)
             _fail(str(failure), failure.exit_code)
+
+
+    def _help_for(self, args: Sequence[str]) -> str:
+        """The help command to point at: the subcommand's when the line names one."""
+        command = next((a for a in args if not a.startswith("-")), None)
+        return f"{self.name} {command} --help" if command in self.commands else f"{self.name} --help"
 
 
 def _fail(message: str, code: int) -> None:
@@ -92,7 +101,7 @@ dtype_option = click.option("--dtype", type=click.Choice(["fp16", "bf16", "fp32"
                             help="Cast floating-point tensors (integer tensors are kept).")
 
 
-@click.group(cls=_Group, context_settings={"help_option_names": ["-h", "--help"]})
+@click.group("lightning-tools", cls=_Group, context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(__version__, prog_name="lightning-tools")
 @click.option("--debug", is_flag=True, help="Show full tracebacks for errors (anywhere on the line; or set "
               f"{_DEBUG_ENV}=1).")

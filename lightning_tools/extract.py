@@ -223,8 +223,9 @@ def extract_lora(base: Path | str, tuned: Path | str, out: Path | str, *, rank: 
         summary = _summary(reports, untargeted, rank, conv_rank, min_diff, clamp_quantile, dtype)
         metadata, settings = _metadata(out, base, tuned, base_ckpt, tuned_ckpt, summary, reports)
         factors = SafetensorsFile(factors_path)
-        modules = [lora.LoraModule("unet", r.module, LazyTensor.of(factors, r.module + ".down"),
-                                   LazyTensor.of(factors, r.module + ".up"), float(r.rank))
+        modules = [lora.LoraModule("unet", r.module, lora.LowRank(LazyTensor.of(factors, r.module + ".down"),
+                                                                  LazyTensor.of(factors, r.module + ".up")),
+                                   float(r.rank))
                    for r in reports if r.svd != "skipped"]
         sha = lora.write_lora(modules, out, format, metadata, overwrite)
     finally:

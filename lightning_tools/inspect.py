@@ -14,7 +14,7 @@ from collections.abc import Iterable, Mapping
 from dataclasses import astuple, dataclass, field
 from pathlib import Path
 
-from lightning_tools import catalog, lora
+from lightning_tools import catalog, loaders, lora
 from lightning_tools import provenance as prov
 from lightning_tools.errors import UserError
 from lightning_tools.report import Report
@@ -38,10 +38,13 @@ class Counts:
 class LoraSummary:
     modules: int
     modules_per_component: dict[str, int]
+    variants: dict[str, int]
     ranks: list[int]
     alphas: list[float]
     alpha_missing: int
     text_encoders: list[str]
+    loaders: dict[str, dict]  # per loader (diffusers, ComfyUI, Forge, A1111): what it applies of this file
+    loaders_summary: str
 
 
 @dataclass
@@ -79,6 +82,7 @@ class InspectReport(Report):
         rows.append(("tensors", tensors))
         if self.lora is not None:
             rows.append(("LoRA", _describe_lora(self.lora)))
+            rows.append(("loaders", self.lora.loaders_summary))
         identity = self.identity
         rows.append(("identity", f"{identity['repo_id']}/{identity['file']}, matched by {identity['matched_by']}"
                      if identity else "not an official SDXL-Lightning file"))
@@ -168,10 +172,13 @@ def _lora_report(path: Path, found: detect.Detection) -> InspectReport:
                         f"{unknown[0] if unknown else '?'}); is it for another model?", path=path)
     per_component = Counter(m.component for m in modules)
     supported = not unknown
-    summary = LoraSummary(len(modules), dict(per_component), sorted({m.rank for m in modules}),
+    coverages = loaders.coverage(lora_file)
+    summary = LoraSummary(len(modules), dict(per_component), dict(Counter(m.variant for m in modules)),
+                          sorted({m.rank for m in modules if m.rank is not None}),
                           sorted({m.alpha for m in modules if m.alpha is not None}),
                           sum(m.alpha is None for m in modules),
-                          [c for c in ("text_encoder", "text_encoder_2") if per_component[c]])
+                          [c for c in ("text_encoder", "text_encoder_2") if per_component[c]],
+                          {name: c.to_json() for name, c in coverages.items()}, loaders.describe(coverages))
     return InspectReport(
         path, _size(path), "lora", lora_file.format, LORA_FORMATS[lora_file.format],
         "sdxl-base" if supported else "unknown",
@@ -255,8 +262,10 @@ def _describe_lora(summary: LoraSummary) -> str:
     if summary.alpha_missing:
         alphas += f" ({summary.alpha_missing} modules without alpha: alpha = rank)"
     text = ", ".join(summary.text_encoders) or "none (UNet only)"
-    return (f"{summary.modules} modules ({per}); rank {'/'.join(map(str, summary.ranks))}; alpha {alphas}; "
-            f"text encoders: {text}")
+    kinds = "" if set(summary.variants) <= {"LoRA"} else \
+        " [" + ", ".join(f"{v} {n}" for v, n in summary.variants.items()) + "]"
+    return (f"{summary.modules} modules ({per}){kinds}; rank {'/'.join(map(str, summary.ranks)) or 'n/a'}; "
+            f"alpha {alphas}; text encoders: {text}")
 
 
 def _count(n: int, unit: str = "") -> str:

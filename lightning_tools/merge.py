@@ -1,10 +1,11 @@
 """`merge`: bake one or more LoRAs into an SDXL base, streaming.
 
-The base opens as a lazy `Checkpoint` in diffusers naming whatever its layout; every weight a LoRA adapts is
-replaced by a lazy tensor that, when the writer asks for it, computes W + sum_i s_i * (alpha_i / rank_i) *
-up_i @ down_i in the compute dtype. The writer rounds it once to the output dtype. Every other tensor keeps its
-stored bytes and is copied without decoding. Merging happens in diffusers space before any key map, so
-OpenCLIP's fused in_proj in a single-file output is built from already merged q/k/v.
+The base opens as a lazy `Checkpoint` in diffusers naming whatever its layout; every weight (and bias) a LoRA
+adapts is replaced by a lazy tensor that, when the writer asks for it, merges the LoRA modules into it one after
+another (`lora.add_lora`: W + s_i * (alpha_i / rank_i) * delta_i, DoRA rescaled) in the compute dtype. The
+writer rounds it once to the output dtype. Every other tensor keeps its stored bytes and is copied without
+decoding. Merging happens in diffusers space before any key map, so OpenCLIP's fused in_proj in a single-file
+output is built from already merged q/k/v.
 """
 
 from __future__ import annotations
@@ -23,7 +24,7 @@ from lightning_tools import provenance as prov
 from lightning_tools.checkpoint import Checkpoint, Written, open_checkpoint, write_checkpoint
 from lightning_tools.device import parse_device
 from lightning_tools.errors import UsageError, UserError
-from lightning_tools.lora import LoraFile, LoraModule, add_lora, modules_of_keys, read_lora
+from lightning_tools.lora import LoraFile, LoraModule, add_lora, add_lora_bias, modules_of_keys, read_lora
 from lightning_tools.report import Report
 from lightning_tools.stream import LazyTensor
 from lightning_tools.tensors import read_tensor
@@ -56,6 +57,8 @@ def plan_merge(base: Checkpoint, loras: Sequence[LoraFile], strengths: Sequence[
                 plan.unmatched.append(f"{lora.path.name}: {m.name}: {why}")
                 continue
             plan.targets.setdefault((m.component, m.module + ".weight"), []).append((m, strength))
+            if m.bias is not None:
+                plan.targets.setdefault((m.component, m.module + ".bias"), []).append((m, strength))
             counts[m.component] = counts.get(m.component, 0) + 1
         plan.matched.append(counts)
     return plan
@@ -70,18 +73,22 @@ def _mismatch(base: Checkpoint, m: LoraModule) -> str | None:
         return f"the base's {m.component} has no module {m.module}"
     if not _fits(m.delta_shape, weight.shape):
         return f"LoRA shape {list(m.delta_shape)} does not fit the base weight {list(weight.shape)}"
+    if m.bias is not None and getattr(tensors.get(m.module + ".bias"), "shape", None) != m.bias.shape:
+        return f"the LoRA's bias {list(m.bias.shape)} finds no bias of that shape in the base's {m.module}"
     return None
 
 
 def _fits(delta: tuple[int, ...], weight: tuple[int, ...]) -> bool:
-    """Same shape, or the same up to trailing 1s (a linear LoRA on a 1x1 conv and back)."""
+    """Same shape, the same up to trailing 1s (a linear LoRA on a 1x1 conv and back), or a conv's weight
+    flattened to (out, in * kh * kw), as LyCORIS stores LoHa and LoKr factors of a conv."""
     def strip(shape):
         shape = list(shape)
         while len(shape) > 2 and shape[-1] == 1:
             shape.pop()
         return shape
 
-    return tuple(delta) == tuple(weight) or strip(delta) == strip(weight)
+    flattened = len(delta) == 2 and len(weight) > 2 and tuple(delta) == (weight[0], math.prod(weight[1:]))
+    return tuple(delta) == tuple(weight) or strip(delta) == strip(weight) or flattened
 
 
 def apply_plan(base: Checkpoint, plan: MergePlan, compute_dtype: "torch.dtype | None" = None,
@@ -105,8 +112,9 @@ def apply_plan(base: Checkpoint, plan: MergePlan, compute_dtype: "torch.dtype | 
         weight = base.components[target[0]][target[1]]
         stored = scratch.read(weight.stored) if weight.stored is not None else weight.load()
         w = scratch.work(weight.shape, compute_dtype, device).copy_(stored)
+        add = add_lora_bias if target[1].endswith(".bias") else add_lora
         for module, strength in plan.targets[target]:
-            add_lora(w, module, strength)
+            add(w, module, strength)
         return torch.empty(w.shape, dtype=dtypes.torch_dtype(dtypes.target(weight.dtype, dtype))).copy_(w)
 
     ahead = _OneAhead(order, compute)

@@ -24,8 +24,7 @@ PICKLE_SUFFIXES = (".ckpt", ".pt", ".pth", ".bin")
 Kind = Literal["safetensors", "zip-pickle", "pickle", "png", "jpeg", "gif", "webp", "gguf", "json", "text",
                "empty", "unknown"]
 _WHAT = {"png": "a PNG image", "jpeg": "a JPEG image", "gif": "a GIF image", "webp": "a WebP image",
-         "gguf": "a GGUF file (llama.cpp / ComfyUI-GGUF quantised weights)", "json": "a JSON file",
-         "text": "a text file", "empty": "an empty file", "unknown": "not a weights file this tool knows"}
+         "json": "a JSON file", "text": "a text file", "empty": "an empty file", "unknown": "unknown data"}
 
 
 def sniff(path: Path) -> Kind:
@@ -56,7 +55,10 @@ def sniff(path: Path) -> Kind:
 
 
 def not_weights(path: Path, kind: Kind) -> CorruptFile:
-    """The error for a file that holds no weights at all."""
+    """The error for a file this tool cannot read weights from, naming what it is."""
+    if kind == "gguf":
+        return CorruptFile("is a GGUF file (quantised weights for llama.cpp / ComfyUI-GGUF), which this tool does not "
+                           "read; use the .safetensors it was made from", path=path)
     return CorruptFile(f"is {_WHAT[kind]}, not a weights file; give a .safetensors file (or a .ckpt/.pt/.bin "
                        "PyTorch checkpoint)", path=path)
 

@@ -24,6 +24,7 @@ from typing import TYPE_CHECKING
 from lightning_tools import dtypes
 from lightning_tools.errors import CorruptFile, UserError
 from lightning_tools.pickles import PickleFile, not_weights, sniff
+from lightning_tools.progress import bar
 
 if TYPE_CHECKING:
     import torch
@@ -257,6 +258,23 @@ def read_tensor(info: TensorInfo, into: bytearray | None = None) -> "torch.Tenso
     if not info.numel:
         return torch.empty(info.shape, dtype=dtype)
     return torch.frombuffer(data, dtype=dtype, count=info.numel).reshape(info.shape)
+
+
+# struct formats of the dtypes a scalar setting (a LoRA's alpha) comes in; BF16 is the top half of an F32.
+_SCALAR_FORMAT = {"F64": "<d", "F32": "<f", "F16": "<e", "I64": "<q", "I32": "<i", "I16": "<h", "I8": "<b",
+                  "U8": "<B", "BOOL": "<?"}
+
+
+def read_scalar(info: TensorInfo) -> float:
+    """A one-element tensor's value, decoded without torch (reading a LoRA's alphas stays header-cheap)."""
+    if info.numel != 1:
+        raise _corrupt(info.path, f"tensor {info.name!r} should hold one number but has shape {list(info.shape)}")
+    raw = b"".join(bytes(chunk) for chunk in read_raw(info))
+    if info.dtype == "BF16":
+        return struct.unpack("<f", b"\0\0" + raw)[0]
+    if info.dtype not in _SCALAR_FORMAT:
+        raise _corrupt(info.path, f"tensor {info.name!r} is {info.dtype}, not a number type for a setting")
+    return float(struct.unpack(_SCALAR_FORMAT[info.dtype], raw)[0])
 
 
 def tensor_bytes(t: "torch.Tensor") -> memoryview:
@@ -539,8 +557,6 @@ def hash_file_and_data(path: Path | str, data_start: int) -> tuple[str, str]:
 
 
 def _hash_into(f, digests: list, nbytes: int, desc: str) -> None:
-    from lightning_tools.progress import bar
-
     buf = bytearray(_CHUNK)
     view = memoryview(buf)
     with bar(nbytes, desc=desc) as progress:

@@ -14,6 +14,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import save_file
 
+from lightning_tools.lora import lightning_target_modules
 from lightning_tools.progress import library_bars_off
 
 # SDXL's CLIP tokenizers pad differently: CLIP-L with <|endoftext|>, OpenCLIP bigG with "!".
@@ -175,8 +176,6 @@ def make_lightning_lora(unet_config: dict, rank: int = 4, alpha: float | None = 
                         dtype: torch.dtype = torch.float16, scale: float = 0.05) -> dict[str, torch.Tensor]:
     """A random LoRA in the official Lightning format: kohya keys with diffusers module names."""
     from diffusers import UNet2DConditionModel
-
-    from lightning_tools.lora import lightning_target_modules
 
     with torch.device("meta"):
         unet = UNet2DConditionModel(**unet_config)

@@ -13,6 +13,7 @@ from pathlib import Path
 
 import pytest
 
+from lightning_tools.sdxl import SDXL_BASE_REPO
 from lightning_tools import catalog
 from lightning_tools import families as fams
 from lightning_tools.errors import CorruptFile, UserError
@@ -125,7 +126,7 @@ def test_licences_say_which_families_are_non_commercial():
 def test_lightning_moved_from_catalog_unchanged():
     lightning = fams.family("lightning")
     assert (lightning.repo_id, lightning.revision) == (catalog.REPO_ID, catalog.REVISION)
-    assert lightning.base_model == catalog.SDXL_BASE_REPO
+    assert lightning.base_model == SDXL_BASE_REPO
     moved = [(f.filename, f.steps, f.kind, f.size, f.size_confirmed, f.sha256, f.prediction_type)
              for f in lightning.files]
     assert moved == [(e.filename, e.steps, e.kind, e.size, e.size_confirmed, e.sha256, e.prediction_type)

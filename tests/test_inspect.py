@@ -10,7 +10,8 @@ from lightning_tools import catalog, lora
 from lightning_tools import provenance as meta
 from lightning_tools.checkpoint import open_checkpoint, write_checkpoint
 from lightning_tools.inspect import inspect_path
-from lightning_tools.sdxl.keys import unet_module_map
+from lightning_tools.lora import module_names
+from lightning_tools.sdxl.keys import unet_names
 from lightning_tools.tiny import tiny_unet_config
 
 
@@ -24,7 +25,8 @@ def files(tiny_pipeline, tiny_lora, tmp_path_factory):
     lightning = lora.read_lora(tiny_lora)
     lora.write_lora(lightning.modules, out / "peft.safetensors", format="peft")
     single_names = {"lora_unet_" + d.replace(".", "_"): "lora_unet_" + s.replace(".", "_")
-                    for d, s in unet_module_map(tiny_unet_config()).items()}
+                    for d, s in ((m, unet_names(tiny_unet_config()).to_single(m))
+                                 for m in module_names("unet", tiny_unet_config()))}
     renamed = {}
     for key, t in load_file(str(tiny_lora)).items():
         stem, _, part = key.partition(".")
@@ -155,3 +157,15 @@ def test_bad_input_is_one_line_error(tmp_path, files, cli, make, reason):
     result = cli("inspect", make(tmp_path, files), ok=False)
     assert result.stderr.startswith("error: ") and result.stderr.count("\n") == 1 and reason in result.stderr
     assert isinstance(result.exception, SystemExit)
+
+
+def test_lora_says_which_loaders_apply_all_of_it(files, cli):
+    """The official kohya layout loads everywhere; a peft file is for diffusers only (ComfyUI drops its attention
+    modules and ignores the alpha in the adapter metadata)."""
+    kohya = json.loads(cli("inspect", files["kohya-diffusers"], "--json", ok=True).stdout)["lora"]["loaders"]
+    assert kohya["diffusers"]["complete"] and kohya["comfyui"]["complete"] and kohya["forge"]["complete"]
+    assert kohya["comfyui"]["alpha"] == "alpha/rank"
+    peft = json.loads(cli("inspect", files["peft"], "--json", ok=True).stdout)["lora"]["loaders"]
+    assert peft["diffusers"]["complete"] and not peft["comfyui"]["complete"]
+    assert peft["comfyui"]["dropped"] > 0 and peft["comfyui"]["alpha"] == "ignored"
+    assert "ComfyUI LoraLoader" in cli("inspect", files["peft"], ok=True).stdout

@@ -125,15 +125,17 @@ def test_position_ids_are_int64_whatever_the_weights():
     assert ids.dtype == "I64" and torch.equal(ids.load(), torch.arange(77).unsqueeze(0))
 
 
-def test_unet_module_map_names_lora_targets():
-    mapping = K.unet_module_map(base_config("unet"))
+def test_every_sdxl_unet_module_has_one_single_file_name():
+    from lightning_tools.lora import module_names
+
+    names = K.unet_names(base_config("unet"))
+    mapping = {m: names.to_single(m) for m in module_names("unet", base_config("unet"))}
     assert mapping["down_blocks.1.attentions.0.transformer_blocks.1.attn1.to_q"] == \
         "input_blocks.4.1.transformer_blocks.1.attn1.to_q"
     assert mapping["up_blocks.0.upsamplers.0.conv"] == "output_blocks.2.2.conv"
     assert mapping["up_blocks.2.resnets.0.conv_shortcut"] == "output_blocks.6.0.skip_connection"
     assert mapping["mid_block.resnets.1.time_emb_proj"] == "middle_block.2.emb_layers.1"
-    assert len(set(mapping.values())) == len(mapping)
-    names = K.unet_names(base_config("unet"))
+    assert None not in mapping.values() and len(set(mapping.values())) == len(mapping)
     assert all(names.to_diffusers(single) == module for module, single in mapping.items())
 
 

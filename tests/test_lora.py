@@ -11,7 +11,7 @@ from safetensors import safe_open
 
 from lightning_tools.errors import UserError
 from lightning_tools.convert import convert_lora
-from lightning_tools.lora import (LoraModule, add_lora, detect_lora_format, lora_delta,
+from lightning_tools.lora import (LoraModule, LowRank, add_lora, detect_lora_format, lora_delta,
                                   modules_of_keys, read_lora, write_lora)
 from lightning_tools.provenance import SOURCES
 from lightning_tools.stream import LazyTensor
@@ -71,8 +71,8 @@ def test_three_formats_read_to_the_same_modules(tiny_pipeline, kohya_file, peft_
         assert modules.keys() == reference.keys() and not lora.unresolved
         for key, m in modules.items():
             assert m.alpha == reference[key].alpha == 2.0
-            assert torch.equal(m.down.load(), reference[key].down.load())
-            assert torch.equal(m.up.load(), reference[key].up.load())
+            assert torch.equal(m.factors.down.load(), reference[key].factors.down.load())
+            assert torch.equal(m.factors.up.load(), reference[key].factors.up.load())
 
 
 def test_detect_lora_format():
@@ -85,7 +85,7 @@ def test_detect_lora_format():
 
 def _module(down, up, alpha=None, mid=None, component="unet", module="m"):
     lazy = [None if t is None else LazyTensor("F32", tuple(t.shape), lambda t=t: t) for t in (down, up, mid)]
-    return LoraModule(component, module, lazy[0], lazy[1], alpha, lazy[2])
+    return LoraModule(component, module, LowRank(lazy[0], lazy[1], lazy[2]), alpha)
 
 
 def test_delta_of_a_linear_lora_is_scaled_up_times_down():
@@ -185,11 +185,17 @@ def test_sd15_names_do_not_resolve_on_sdxl(tiny_pipeline, tmp_path):
 @pytest.mark.parametrize("keys, message", [
     ({"lora_unet_conv_in.lora_down.weight": torch.zeros(2, 4, 3, 3),
       "lora_unet_conv_in.lora_up.weight": torch.zeros(8, 2, 1, 1),
-      "lora_unet_conv_in.dora_scale": torch.zeros(8)}, "DoRA"),
+      "lora_unet_conv_in.dora_scale": torch.zeros(5, 1, 1, 1)}, "DoRA magnitude of shape"),
     ({"lora_unet_conv_in.lora_down.weight": torch.zeros(2, 4, 3, 3)}, "no up weight"),
     ({"lora_unet_conv_in.lora_down.weight": torch.zeros(2, 4, 3, 3),
       "lora_unet_conv_in.lora_up.weight": torch.zeros(8, 3, 1, 1)}, "inconsistent shapes"),
     ({"model.diffusion_model.out.2.weight": torch.zeros(4, 8, 3, 3)}, "not a LoRA"),
+    ({"lora_unet_conv_in.lora_down.weight": torch.zeros(2, 4, 3, 3), "lora_unet_conv_in.hada_w1_a": torch.zeros(8, 2)},
+     "mixes the weights of several variants"),
+    ({"lora_unet_conv_in.lokr_w1": torch.zeros(2, 2), "lora_unet_conv_in.lokr_w2_a": torch.zeros(4, 1)},
+     "needs lokr_w2 or both lokr_w2_a and lokr_w2_b"),
+    ({"lora_unet_conv_in.hada_w1_a": torch.zeros(8, 2), "lora_unet_conv_in.hada_w1_b": torch.zeros(2, 36),
+      "lora_unet_conv_in.hada_w2_a": torch.zeros(8, 2)}, "no w2b weight"),
 ])
 def test_bad_lora_files_are_refused(tiny_pipeline, tmp_path, keys, message):
     path = write(keys, tmp_path / "bad.safetensors")

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import json
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -18,6 +18,8 @@ import torch
 from lightning_tools import catalog, support
 from lightning_tools.checkpoint import Checkpoint, installed_names, open_checkpoint, with_base
 from lightning_tools.errors import UserError
+from lightning_tools.lora import modules_of_keys, read_lora
+from lightning_tools.merge import apply_plan, plan_merge
 from lightning_tools.render.plan import Model
 from lightning_tools.sdxl.vocabulary import COMPONENTS
 from lightning_tools.stream import LazyTensor, state_dict
@@ -46,9 +48,6 @@ def checkpoint_for(model: Model) -> Checkpoint:
     base_configs = model.base.path if model.base.kind == "diffusers" else model.base.config_dir
     if model.kind == "unet":
         return with_base(open_checkpoint(model.path, model.config_dir or base_configs), base)
-    from lightning_tools.lora import modules_of_keys, read_lora
-    from lightning_tools.merge import apply_plan, plan_merge
-
     targets = {c: modules_of_keys(t, c) for c, t in base.components.items() if c != "vae"}
     plan = plan_merge(base, [read_lora(model.path, targets, base.configs["unet"])], [1.0])
     if plan.unmatched:

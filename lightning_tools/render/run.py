@@ -27,6 +27,7 @@ import torch
 from PIL import Image
 from tqdm import tqdm
 
+from lightning_tools import __version__
 from lightning_tools.device import parse_device
 from lightning_tools.errors import UserError
 from lightning_tools.progress import bar
@@ -447,8 +448,6 @@ def _sync(device: torch.device) -> None:
 def _versions() -> dict[str, str | None]:
     import diffusers
     import transformers
-
-    from lightning_tools import __version__
 
     return {"lightning_tools": __version__, "torch": torch.__version__, "diffusers": diffusers.__version__,
             "transformers": transformers.__version__, "cuda": torch.version.cuda}

@@ -182,28 +182,6 @@ def _vae_names(key: str) -> NameMap:
     return NameMap(rows)
 
 
-def unet_module_map(config: Mapping) -> dict[str, str]:
-    """diffusers module name -> single-file module name for every UNet module that holds weights.
-
-    Enumerated from the model the config describes (built on the meta device: no memory, no weights), so it
-    follows the config's transformer depths. Used to translate LoRA module names.
-    """
-    return dict(_unet_module_map(_cache_key(config)))
-
-
-@functools.lru_cache(maxsize=4)
-def _unet_module_map(key: str) -> tuple[tuple[str, str], ...]:
-    import torch
-    from diffusers import UNet2DConditionModel
-
-    config = json.loads(key)
-    with torch.device("meta"):
-        unet = UNet2DConditionModel.from_config(config)
-    names = unet_names(config)
-    return tuple((name, names.to_single(name)) for name, module in unet.named_modules()
-                 if next(module.parameters(recurse=False), None) is not None)
-
-
 def hf_clip_key(key: str) -> str:
     """A Hugging Face CLIP text-model key in the classic form, with the `text_model.` prefix.
 
