@@ -7,6 +7,7 @@ import itertools
 import math
 import textwrap
 from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -69,25 +70,37 @@ class Comparison:
 def compare(out: Path, names: Sequence[str], columns: Sequence[tuple[str, int]],
             images: Sequence[Sequence[Rendered]]) -> Comparison:
     """Write the grid sheets into `out` and measure every pair of models. `columns`: the (prompt, seed) every
-    model rendered, in order; `images[m][c]`: model m's image of column c. Holds one sheet's images at a time."""
+    model rendered, in order; `images[m][c]`: model m's image of column c. Holds one sheet's images at a time,
+    and reads and measures them on threads (see `read_images`)."""
     pairs = list(itertools.combinations(range(len(names)), 2))
     found: dict[tuple[int, int], list[ImageDifference]] = {pair: [] for pair in pairs}
     pages = math.ceil(len(columns) / COLUMNS_PER_SHEET)
     sheets = []
-    for page in range(pages):
-        first = page * COLUMNS_PER_SHEET
-        shown = range(first, min(first + COLUMNS_PER_SHEET, len(columns)))
-        pixels = [[np.asarray(Image.open(images[m][c].path).convert("RGB")) for c in shown] for m in range(len(names))]
-        for a, b in pairs:
-            for i, c in enumerate(shown):
-                prompt, seed = columns[c]
-                d = image_difference(pixels[a][i], pixels[b][i])
+    with ThreadPoolExecutor() as pool:
+        for page in range(pages):
+            shown = range(page * COLUMNS_PER_SHEET, min((page + 1) * COLUMNS_PER_SHEET, len(columns)))
+            pixels = [read_images([images[m][c].path for c in shown]) for m in range(len(names))]
+            tasks = [(a, b, i) for a, b in pairs for i in range(len(shown))]
+            measured = pool.map(lambda t: image_difference(pixels[t[0]][t[2]], pixels[t[1]][t[2]]), tasks)
+            for (a, b, i), d in zip(tasks, measured):
+                prompt, seed = columns[shown[i]]
                 found[(a, b)].append(ImageDifference(prompt, seed, d["mean_abs_diff"], d["psnr_db"]))
-        passed = [[images[m][c].passed for c in shown] for m in range(len(names))]
-        sheet = SHEET if pages == 1 else f"{Path(SHEET).stem}-{page + 1:03d}.png"
-        grid(names, [columns[c] for c in shown], pixels, passed).save(out / sheet)
-        sheets.append(sheet)
+            passed = [[images[m][c].passed for c in shown] for m in range(len(names))]
+            sheet = SHEET if pages == 1 else f"{Path(SHEET).stem}-{page + 1:03d}.png"
+            grid(names, [columns[c] for c in shown], pixels, passed).save(out / sheet)
+            sheets.append(sheet)
     return Comparison(sheets, [_summary(names[a], names[b], found[(a, b)]) for a, b in pairs])
+
+
+def read_images(paths: Sequence[Path]) -> list[np.ndarray]:
+    """The RGB pixels of each file, decoded on threads: the main process reads back every image of a run to check
+    and compare it, and PNG decoding (like numpy) releases the GIL, so this uses every core it has."""
+    with ThreadPoolExecutor() as pool:
+        return list(pool.map(_read, paths))
+
+
+def _read(path: Path) -> np.ndarray:
+    return np.asarray(Image.open(path).convert("RGB"))
 
 
 def _summary(a: str, b: str, per_image: list[ImageDifference]) -> PairDifference:

@@ -19,10 +19,10 @@ import json
 import platform
 import time
 from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import numpy as np
 import torch
 from PIL import Image
 from tqdm import tqdm
@@ -32,7 +32,7 @@ from lightning_tools.device import parse_device
 from lightning_tools.errors import UserError
 from lightning_tools.progress import bar
 from lightning_tools.render import checks
-from lightning_tools.render.compare import Comparison, Rendered, compare
+from lightning_tools.render.compare import Comparison, Rendered, compare, read_images
 from lightning_tools.render.pipeline import (Accelerations, load_pipeline, prepare, render_batch, scheduler_report,
                                              support_for)
 from lightning_tools.render.plan import Plan, plan
@@ -275,7 +275,7 @@ def render(plans: Plan | Sequence[Plan], out: Path | str, *, prompts: Sequence[s
     if not prompts or not seeds:
         raise UserError("nothing to render: give at least one prompt and one seed")
     single = isinstance(plans, Plan)
-    plans = [plans] if isinstance(plans, Plan) else list(plans)
+    plans = [plans] if single else list(plans)
     if not plans:
         raise UserError("nothing to render: give at least one model")
     world = World.join(device)
@@ -387,15 +387,18 @@ def _model_report(p: Plan, out: Path, folder: Path, jobs: Sequence[checks.Job], 
     its report.json. Reads the images back from `folder`, one model at a time."""
     by_job = dict(image for segment in segments for image in segment.images)
     images = [by_job[j] for j in range(len(jobs))]
+    pixels = read_images([folder / result.file for result in images])
+    if reference is not None:
+        earlier, _, max_diff = reference
+        with ThreadPoolExecutor() as pool:
+            compared = pool.map(lambda i: {"passed": False, "problem": earlier} if isinstance(earlier, str) else
+                                checks.compare_with_reference(jobs[i], pixels[i], earlier, max_diff), range(len(jobs)))
+            for result, outcome in zip(images, compared):
+                result.reference = outcome
     tiles = []
-    for job, result in zip(jobs, images):
-        pixels = np.asarray(Image.open(folder / result.file).convert("RGB"))
-        if reference is not None:
-            earlier, path, max_diff = reference
-            result.reference = {"passed": False, "problem": earlier} if isinstance(earlier, str) else \
-                checks.compare_with_reference(job, pixels, earlier, max_diff)
+    for job, result, image in zip(jobs, images, pixels):
         result.passed = not result.failures()
-        tiles.append((pixels, f"seed {job.seed} {'ok' if result.passed else 'FAILED'}: {job.prompt}", result.passed))
+        tiles.append((image, f"seed {job.seed} {'ok' if result.passed else 'FAILED'}: {job.prompt}", result.passed))
     checks.contact_sheet(tiles).save(folder / CONTACT_SHEET)
     first = segments[0]  # every process ran the same scheduler and dtypes
     warmups = [s.warmup_seconds for s in segments if s.warmup_seconds is not None]
