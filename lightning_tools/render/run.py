@@ -274,6 +274,8 @@ def render(plans: Plan | Sequence[Plan], out: Path | str, *, prompts: Sequence[s
     check_dimensions(height, width)
     if not prompts or not seeds:
         raise UserError("nothing to render: give at least one prompt and one seed")
+    if batch_size < 1:
+        raise UserError(f"batch size {batch_size}: must be at least 1")
     single = isinstance(plans, Plan)
     plans = [plans] if single else list(plans)
     if not plans:
