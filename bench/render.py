@@ -3,7 +3,7 @@
 Same process, same weights, same GPU: one pipeline is built once, then sampled
   1. the model card's way: trailing Euler scheduler, `pipe(prompt, num_inference_steps=4, guidance_scale=0)`
      (diffusers upcasts the fp16 VAE inside every call),
-  2. render's way (`render.prepare` + `render.render_batch`: VAE kept in fp32, decode in our hands, SDPA),
+  2. render's way (`pipeline.prepare` + `pipeline.render_batch`: VAE kept in fp32, decode in our hands, SDPA),
   3. render's way with classic attention instead of SDPA (what SDPA is worth),
   4. + channels_last, 5. + channels_last + torch.compile of the UNet.
 Random weights time the same as real ones, so the default is a full-size random-weight SDXL built from the
@@ -27,7 +27,11 @@ from pathlib import Path
 import torch
 
 from lightning_tools import catalog
-from lightning_tools import render as rendering
+from lightning_tools.device import parse_device
+from lightning_tools.render.checks import image_difference, to_pixels
+from lightning_tools.render.pipeline import Accelerations, load_pipeline, prepare, render_batch
+from lightning_tools.render.plan import plan
+from lightning_tools.render.run import TORCH_DTYPES
 from lightning_tools.sdxl import SDXL_BASE_CONFIGS
 
 PROMPT = "A girl smiling"  # the model card's
@@ -114,10 +118,10 @@ def bench(pipe, device: torch.device, dtype: torch.dtype, steps: int, size: tupl
     card_pixels = (seeded * 255).round().astype("uint8")
 
     def ours():
-        return rendering.to_pixels(rendering.render_batch(pipe, settings, [(PROMPT, 0)], height, width)[0])
+        return to_pixels(render_batch(pipe, settings, [(PROMPT, 0)], height, width)[0])
 
-    rendering.prepare(pipe, settings, device, dtype)
-    difference = rendering.image_difference(ours(), card_pixels)
+    prepare(pipe, settings, device, dtype)
+    difference = image_difference(ours(), card_pixels)
     if "render" in variants:
         results["render"] = measure(ours, device, runs, warmups=1)
     if "render-classic-attention" in variants:
@@ -125,10 +129,10 @@ def bench(pipe, device: torch.device, dtype: torch.dtype, steps: int, size: tupl
         results["render-classic-attention"] = measure(ours, device, runs, warmups=1)
         pipe.unet.set_attn_processor(AttnProcessor2_0())
     if "render-channels-last" in variants:
-        rendering.prepare(pipe, settings, device, dtype, rendering.Accelerations(channels_last=True))
+        prepare(pipe, settings, device, dtype, Accelerations(channels_last=True))
         results["render-channels-last"] = measure(ours, device, runs, warmups=1)
     if "render-compile" in variants:
-        rendering.prepare(pipe, settings, device, dtype, rendering.Accelerations(channels_last=True, compile=True))
+        prepare(pipe, settings, device, dtype, Accelerations(channels_last=True, compile=True))
         start = time.perf_counter()
         ours()
         _sync(device)
@@ -144,7 +148,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--config", type=Path, help="configs + tokenizers for an all-in-one --model")
     parser.add_argument("--tiny", action="store_true", help="the toy SDXL-structured model (smoke runs)")
     parser.add_argument("--device", default="cuda")
-    parser.add_argument("--dtype", choices=sorted(rendering.TORCH_DTYPES), help="default fp16 on cuda, else fp32")
+    parser.add_argument("--dtype", choices=sorted(TORCH_DTYPES), help="default fp16 on cuda, else fp32")
     parser.add_argument("--steps", type=int, default=4)
     parser.add_argument("--height", type=int, help="default 1024 (64 with --tiny)")
     parser.add_argument("--width", type=int, help="default 1024 (64 with --tiny)")
@@ -153,20 +157,20 @@ def main(argv: list[str] | None = None) -> int:
                         "on the CPU all but render-compile, whose codegen takes many minutes there)")
     parser.add_argument("--json", action="store_true")
     args = parser.parse_args(argv)
-    device = rendering.check_device(args.device)
+    device = parse_device(args.device)
     variants = args.variants.split(",") if args.variants else \
         [v for v in VARIANTS if device.type == "cuda" or v != "render-compile"]
     unknown = set(variants) - set(VARIANTS)
     if unknown:
         parser.error(f"unknown variants: {', '.join(sorted(unknown))}")
     dtype_name = args.dtype or ("fp16" if device.type == "cuda" else "fp32")
-    dtype = rendering.TORCH_DTYPES[dtype_name]
+    dtype = TORCH_DTYPES[dtype_name]
     default_size = 64 if args.tiny else 1024
     size = (args.height or default_size, args.width or default_size)
     with tempfile.TemporaryDirectory(prefix="bench-render-") as workdir:
         if args.model:
-            model = rendering.plan(args.model, base=args.base, config=args.config).model
-            pipe = rendering.load_pipeline(model, dtype)
+            model = plan(args.model, base=args.base, config=args.config).model
+            pipe = load_pipeline(model, dtype)
             what = str(args.model)
         elif args.tiny:
             pipe, what = tiny_sdxl(dtype, Path(workdir)), "tiny random-weight SDXL-structured model"

@@ -344,10 +344,10 @@ def extract_command(base: Path, tuned: Path, rank: int, conv_rank: int | None, o
 # --- render -----------------------------------------------------------------------------------------------------
 
 @main.command("render")
-@click.argument("model", type=click.Path(path_type=Path))
+@click.argument("model", nargs=-1, required=True, type=click.Path(path_type=Path))
 @click.option("--base", type=click.Path(path_type=Path),
               help="Full SDXL model (diffusers folder or all-in-one file) giving a UNet-only file or a LoRA its "
-                   "VAE and text encoders.")
+                   "VAE and text encoders (among several MODELs, those that need one).")
 @click.option("--config", type=click.Path(path_type=Path, file_okay=False),
               help="Diffusers SDXL folder with configs and tokenizers, for an all-in-one file.")
 @click.option("--family", default=None, metavar="NAME",
@@ -369,11 +369,14 @@ def extract_command(base: Path, tuned: Path, rank: int, conv_rank: int | None, o
 @click.option("--height", type=int, help="Default: the profile's resolution (1024; SDXL-Turbo 512).")
 @click.option("--width", type=int, help="Default: the profile's resolution (1024; SDXL-Turbo 512).")
 @click.option("--batch-size", type=click.IntRange(min=1), default=1, show_default=True)
-@click.option("--device", default="cuda", show_default=True, help="cuda, cuda:N or cpu.")
+@click.option("--device", default="cuda", show_default=True, help="cuda, cuda:N or cpu. Under a launcher, cuda is "
+              "each process's own GPU.")
 @click.option("--dtype", type=click.Choice(["fp16", "bf16", "fp32"]), help="Default: fp16 on CUDA, fp32 on CPU.")
-@click.option("--out", type=click.Path(path_type=Path), help="Output folder (default: render-<model name>).")
+@click.option("--out", type=click.Path(path_type=Path), help="Output folder (default: render-<model name>, or "
+              "render-models for several).")
 @click.option("--reference", type=click.Path(path_type=Path), help="Output folder of an earlier render: each image "
-              "is compared with the one of the same prompt, seed, size and steps there.")
+              "is compared with the one of the same prompt, seed, size and steps there (of the same model, when "
+              "it rendered several).")
 @click.option("--max-diff", type=float, help="Largest mean absolute difference to --reference, in 8-bit levels "
               "(default 3).")
 @click.option("--channels-last", is_flag=True, help="Run the UNet in channels_last memory format.")
@@ -383,54 +386,87 @@ def extract_command(base: Path, tuned: Path, rank: int, conv_rank: int | None, o
 @click.option("--print-comfyui", is_flag=True, help="Print the ComfyUI equivalent settings instead of rendering.")
 @overwrite_option
 @json_option
-def render_command(model: Path, base: Path | None, config: Path | None, family: str | None, profile: str | None,
-                   steps: int | None, prediction_type: str | None, guidance_scale: float | None,
-                   lora_strength: float | None, prompts: tuple[str, ...],
+@click.pass_context
+def render_command(ctx: click.Context, model: tuple[Path, ...], base: Path | None, config: Path | None,
+                   family: str | None, profile: str | None, steps: int | None, prediction_type: str | None,
+                   guidance_scale: float | None, lora_strength: float | None, prompts: tuple[str, ...],
                    prompts_file: Path | None, seeds: tuple[int, ...], height: int | None, width: int | None,
-                   batch_size: int,
-                   device: str, dtype: str | None, out: Path | None, reference: Path | None, max_diff: float | None,
-                   channels_last: bool, compile_unet: bool, comfyui_workflow: Path | None, print_comfyui: bool,
-                   overwrite: bool, as_json: bool) -> Report:
-    """Render validation images of MODEL with the sampling profile it was distilled for, check them, write a report.
+                   batch_size: int, device: str, dtype: str | None, out: Path | None, reference: Path | None,
+                   max_diff: float | None, channels_last: bool, compile_unet: bool, comfyui_workflow: Path | None,
+                   print_comfyui: bool, overwrite: bool, as_json: bool) -> Report | None:
+    """Render validation images of each MODEL with the sampling profile it was distilled for, check them, write
+    a report.
 
-    Exits 3 when an image fails a check (NaN/Inf, blank, out of range, too far from --reference)."""
-    from lightning_tools.render.plan import plan as plan_render
+    Several MODELs get a folder each and a grid comparing them. Under `accelerate launch` or `torchrun` the
+    processes share the work and the main one writes the output. Exits 3 when an image fails a check (NaN/Inf,
+    blank, out of range, too far from --reference)."""
+    from lightning_tools.render.world import launched
 
-    if prompts and prompts_file:
-        raise UsageError("--prompt and --prompts: give one or the other")
-    plan = plan_render(model, base=base, config=config, steps=steps, prediction_type=prediction_type,
-                       guidance_scale=guidance_scale, family=family, profile=profile,
-                       lora_strength=lora_strength)  # headers only: fast
+    settings = dict(steps=steps, prediction_type=prediction_type, guidance_scale=guidance_scale, family=family,
+                    profile=profile, lora_strength=lora_strength)
+    try:
+        if prompts and prompts_file:
+            raise UsageError("--prompt and --prompts: give one or the other")
+        if print_comfyui or comfyui_workflow is not None:
+            from lightning_tools import comfyui
+            from lightning_tools.render.plan import plan as plan_render
+
+            if len(model) > 1:
+                raise UsageError("--print-comfyui and --comfyui-workflow take one MODEL")
+            plan = plan_render(model[0], base=base, config=config, **settings)  # headers only: fast
+            height, width = _size(plan, height, width)
+            for warning in plan.warnings:
+                click.secho(f"warning: {warning}", err=True, fg="yellow", bold=True)
+            return emit(comfyui.export(plan, prompt=prompts[0] if prompts else None, seed=(seeds or (0,))[0],
+                                       width=width, height=height, workflow_path=comfyui_workflow,
+                                       overwrite=overwrite), as_json)
+        from lightning_tools.render import run
+
+        world = run.World.join(device)
+        with world.together():  # a file missing on one machine stops all of them, said once
+            plans = run.plans_for(model, base=base, config=config, **settings)  # headers only: fast
+            sizes = {_size(plan, height, width) for plan in plans}
+            if len(sizes) > 1:
+                raise UsageError("these models are sampled at different resolutions; give --height and --width")
+            height, width = sizes.pop()
+            for plan in plans:  # whatever would fail later fails now, in one line, before the warnings
+                run.preflight(plan, device)
+            prompt_list = list(prompts) or (run.read_prompts(prompts_file) if prompts_file else
+                                            list(run.DEFAULT_PROMPTS))
+        if world.is_main:
+            for plan in plans:
+                for warning in plan.warnings:
+                    click.secho(f"warning: {warning}", err=True, fg="yellow", bold=True)
+        out = out or Path(f"render-{plans[0].model.path.stem}" if len(plans) == 1 else run.SEVERAL_MODELS_OUT)
+        report = run.render(plans[0] if len(plans) == 1 else plans, out, prompts=prompt_list, seeds=seeds or (0,),
+                            height=height, width=width, batch_size=batch_size, device=device, dtype=dtype,
+                            accelerations=run.Accelerations(channels_last, compile_unet), reference=reference,
+                            overwrite=overwrite,
+                            max_diff=run.checks.DEFAULT_MAX_DIFF if max_diff is None else max_diff)
+        if report is None:
+            return None  # another process of a launch: the main one reports
+        emit(report, as_json)
+        failed = report.failures()
+        if failed:
+            total = len(report.images) if isinstance(report, run.RenderReport) else \
+                sum(m.images for m in report.models)
+            raise ChecksFailed(f"{len(failed)} of {total} images failed: {'; '.join(failed)}",
+                               path=out / "report.json")
+        return report
+    except (UserError, Interrupted) as e:
+        if launched()[0] != 0:
+            ctx.exit(e.exit_code)  # the main process says it, once
+        raise
+
+
+def _size(plan, height: int | None, width: int | None) -> tuple[int, int]:
+    """(height, width): as given, else the profile's resolution; both positive multiples of 8."""
     default_width, default_height = plan.settings.profile.resolution
     height = default_height if height is None else height
     width = default_width if width is None else width
     if height % 8 or width % 8 or height < 8 or width < 8:
         raise UsageError(f"--height {height} --width {width}: both must be positive multiples of 8")
-    comfy_mode = print_comfyui or comfyui_workflow is not None
-    if not comfy_mode:  # whatever would fail later fails now, in one line, before the warnings
-        from lightning_tools.render import run
-
-        run.preflight(plan, device)
-    for warning in plan.warnings:
-        click.secho(f"warning: {warning}", err=True, fg="yellow", bold=True)
-    if comfy_mode:
-        from lightning_tools import comfyui
-
-        first_prompt = prompts[0] if prompts else None
-        return emit(comfyui.export(plan, prompt=first_prompt, seed=(seeds or (0,))[0], width=width, height=height,
-                                   workflow_path=comfyui_workflow, overwrite=overwrite), as_json)
-    prompt_list = list(prompts) or (run.read_prompts(prompts_file) if prompts_file else list(run.DEFAULT_PROMPTS))
-    out = out or Path(f"render-{plan.model.path.stem}")
-    report = emit(run.render(plan, out, prompts=prompt_list, seeds=seeds or (0,), height=height, width=width,
-                             batch_size=batch_size, device=device, dtype=dtype,
-                             accelerations=run.Accelerations(channels_last, compile_unet), reference=reference,
-                             overwrite=overwrite,
-                             max_diff=run.checks.DEFAULT_MAX_DIFF if max_diff is None else max_diff), as_json)
-    failed = report.failures()
-    if failed:
-        raise ChecksFailed(f"{len(failed)} of {len(report.images)} images failed: {'; '.join(failed)}",
-                           path=out / "report.json")
-    return report
+    return height, width
 
 
 # --- run / demo -------------------------------------------------------------------------------------------------
