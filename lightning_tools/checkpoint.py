@@ -15,14 +15,19 @@ import shutil
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from lightning_tools import dtypes, provenance, support
 from lightning_tools.errors import UserError
 from lightning_tools.sdxl import keys as K
 from lightning_tools.sdxl.detect import check_component, detect
+from lightning_tools.report import Report
 from lightning_tools.sdxl.vocabulary import COMPONENT_NAMES, COMPONENTS, component_titles
-from lightning_tools.stream import LazyTensor, lazy_tensors, write_file
+from lightning_tools.stream import LazyTensor, cast, lazy_tensors, write_file
 from lightning_tools.tensors import TensorSource, atomic_output
+
+if TYPE_CHECKING:
+    import torch
 
 
 @dataclass
@@ -140,10 +145,45 @@ def with_base(ckpt: Checkpoint, base: Checkpoint) -> Checkpoint:
 
 # --- writing ---------------------------------------------------------------------------------------------------
 
+@dataclass
+class Fp8Loss(Report):
+    """How far an fp8 UNet is from the fp16 one it was rounded from, gathered tensor by tensor as they are
+    written: absolute errors over every element stored in fp8, the mean absolute fp16 value for scale, and how
+    many values lay beyond fp8's range (saturated to +-448)."""
+
+    tensors: int = 0
+    elements: int = 0
+    max_abs_error: float = 0.0
+    mean_abs_error: float = 0.0
+    mean_abs_value: float = 0.0
+    saturated: int = 0
+
+    def add(self, reference: "torch.Tensor", quantized: "torch.Tensor") -> None:
+        import torch
+
+        ref = reference.float()
+        error = (quantized.float() - ref).abs_()
+        n, total = ref.numel(), self.elements + ref.numel()
+        if n:
+            self.max_abs_error = max(self.max_abs_error, float(error.max()))
+            self.mean_abs_error += (float(error.sum(dtype=torch.float64)) - n * self.mean_abs_error) / total
+            self.mean_abs_value += (float(ref.abs_().sum(dtype=torch.float64)) - n * self.mean_abs_value) / total
+            self.saturated += int((reference.float().abs() > dtypes.FP8_MAX).sum())
+        self.tensors += 1
+        self.elements = total
+
+    def describe(self) -> str:
+        relative = f" ({100 * self.mean_abs_error / self.mean_abs_value:.2f}% of the mean |weight|)" \
+            if self.mean_abs_value else ""
+        saturated = f", {self.saturated} values beyond +-448 saturated" if self.saturated else ""
+        return (f"fp8 UNet: {self.tensors} tensors ({self.elements / 1e6:.1f}M values) in float8_e4m3fn; against "
+                f"fp16: max abs error {self.max_abs_error:.3g}, mean {self.mean_abs_error:.3g}{relative}{saturated}")
+
+
 @dataclass(frozen=True)
 class Written:
     """What a writer produced: the output, its layout, and the data sha256 of each weights file (by component
-    for a folder, under "" for a single file)."""
+    for a folder, under "" for a single file); for an fp8 output, the UNet's loss against fp16."""
 
     output: Path
     layout: str
@@ -151,6 +191,7 @@ class Written:
     bytes: int
     data_sha256: dict[str, str]
     support_files_from: tuple[str, ...] = ()
+    fp8: Fp8Loss | None = None
 
 
 def write_checkpoint(ckpt: Checkpoint, out: Path | str, to: str, *, dtype: str | None = None,
@@ -159,30 +200,84 @@ def write_checkpoint(ckpt: Checkpoint, out: Path | str, to: str, *, dtype: str |
     """Stream `ckpt` into `out` as a diffusers folder, a ComfyUI single file or a ComfyUI UNet file (`to` is a
     key of `vocabulary.MODEL_TARGETS`).
 
-    `dtype` (a safetensors code, see `dtypes.parse`) casts floating tensors only. `metadata` goes into the single
-    file, or the UNet file of a diffusers folder; ModelSpec's data hash in it is filled in as it is written. A
-    diffusers output ending in `.safetensors` from a UNet-only checkpoint is one file with diffusers UNet names
-    (the layout of the official `sdxl_lightning_Nstep_unet.safetensors`).
+    `dtype` (a safetensors code, see `dtypes.parse`) casts floating tensors only; `dtypes.FP8` writes the UNet's
+    matrices and convs in float8_e4m3fn and every other floating tensor in fp16 (see `written_dtype`), with the
+    loss against fp16 in `Written.fp8` and the file's metadata. `metadata` goes into the single file, or the UNet
+    file of a diffusers folder; ModelSpec's data hash in it is filled in as it is written. A diffusers output
+    ending in `.safetensors` from a UNet-only checkpoint is one file with diffusers UNet names (the layout of the
+    official `sdxl_lightning_Nstep_unet.safetensors`).
     """
     out = Path(out)
     metadata = dict(metadata or {})
+    loss = None
+    if dtype == dtypes.FP8:
+        ckpt, loss = _in_fp8(ckpt)
+        dtype = None
     if to == "comfyui":
         _require(ckpt, COMPONENT_NAMES, "a ComfyUI checkpoint")
         tensors, _ = K.to_single_file(ckpt.components, ckpt.configs)
-        return _write_file(out, tensors, metadata, dtype, overwrite, "single-file")
+        return _write_file(out, tensors, metadata, dtype, overwrite, "single-file", loss)
     _require(ckpt, ("unet",), "this output")
     if to == "comfyui-unet":
         unet, _ = K.unet_to_single(ckpt.components["unet"], ckpt.configs["unet"])
         return _write_file(out, {K.UNET_PREFIX + k: t for k, t in unet.items()}, metadata, dtype, overwrite,
-                           "unet-single-file")
+                           "unet-single-file", loss)
     if out.suffix == ".safetensors":
         if len(ckpt.components) > 1:
             raise UserError("a diffusers pipeline is a folder; give an output path without .safetensors", path=out)
-        return _write_file(out, ckpt.components["unet"], metadata, dtype, overwrite, "unet-diffusers")
+        return _write_file(out, ckpt.components["unet"], metadata, dtype, overwrite, "unet-diffusers", loss)
     if ckpt.missing:
         _require(ckpt, COMPONENT_NAMES, "a diffusers pipeline (or give an OUT ending in .safetensors for a "
                                         "diffusers-named UNet file)")
-    return _write_folder(ckpt, out, dtype, metadata, overwrite, Path(config_dir) if config_dir else None)
+    return _write_folder(ckpt, out, dtype, metadata, overwrite, Path(config_dir) if config_dir else None, loss)
+
+
+def written_dtype(component: str, tensor: LazyTensor, dtype: str | None) -> str:
+    """The dtype a tensor is written in for an output `dtype`. fp8 is for the UNet's matrices and convs only:
+    they are 99.9% of its values, while biases and norm scales (1-D) would lose most of their precision to
+    fp8's 3 mantissa bits for a few MB; text encoders and VAE stay fp16. Integer tensors keep theirs."""
+    if dtype != dtypes.FP8:
+        return dtypes.target(tensor.dtype, dtype)
+    if component == "unet" and len(tensor.shape) >= 2:
+        return dtypes.target(tensor.dtype, dtypes.FP8)
+    return dtypes.target(tensor.dtype, "F16")
+
+
+def _in_fp8(ckpt: Checkpoint) -> tuple[Checkpoint, Fp8Loss]:
+    """`ckpt` as written with --dtype fp8: each fp8 tensor rounded to fp16 first (so the loss is measured
+    against the fp16 output) and then to fp8, its error added to the loss as the writer asks for it."""
+    import torch
+
+    loss = Fp8Loss()
+
+    def quantize(half: torch.Tensor) -> torch.Tensor:
+        quantized = half.to(torch.float8_e4m3fn)
+        loss.add(half, quantized)
+        return quantized
+
+    components = {}
+    for c, tensors in ckpt.components.items():
+        components[c] = {}
+        for key, t in tensors.items():
+            code = written_dtype(c, t, dtypes.FP8)
+            components[c][key] = cast(t, "F16").map(quantize, dtype=code) if code == dtypes.FP8 else cast(t, code)
+    return dataclasses.replace(ckpt, components=components), loss
+
+
+_LOSS_ROOM = 512  # header bytes reserved for the fp8 loss, known only when the UNet is written
+
+
+def _file_metadata(metadata: Mapping[str, str], loss: Fp8Loss | None):
+    """What a weights file's writer gets: the metadata with ModelSpec's data hash and, for an fp8 UNet, the loss
+    against fp16 as it stands when the file is complete (the writer asks again at the end)."""
+    filled = provenance.with_data_hash(metadata)
+    if loss is None:
+        return filled
+
+    def final(sha256: str) -> Mapping[str, str]:
+        return {**(filled(sha256) if callable(filled) else filled), provenance.FP8: json.dumps(loss.to_json())}
+
+    return final
 
 
 def _require(ckpt: Checkpoint, needed: tuple[str, ...], what: str) -> None:
@@ -193,13 +288,14 @@ def _require(ckpt: Checkpoint, needed: tuple[str, ...], what: str) -> None:
 
 
 def _write_file(out: Path, tensors: Mapping[str, LazyTensor], metadata: dict[str, str], dtype: str | None,
-                overwrite: bool, layout: str) -> Written:
-    sha = write_file(out, tensors, metadata=provenance.with_data_hash(metadata), dtype=dtype, overwrite=overwrite)
-    return Written(out, layout, len(tensors), out.stat().st_size, {"": sha})
+                overwrite: bool, layout: str, loss: Fp8Loss | None) -> Written:
+    sha = write_file(out, tensors, metadata=_file_metadata(metadata, loss), dtype=dtype, overwrite=overwrite,
+                     room=_LOSS_ROOM if loss else 0)
+    return Written(out, layout, len(tensors), out.stat().st_size, {"": sha}, fp8=loss)
 
 
 def _write_folder(ckpt: Checkpoint, out: Path, dtype: str | None, metadata: dict[str, str], overwrite: bool,
-                  config_dir: Path | None) -> Written:
+                  config_dir: Path | None, loss: Fp8Loss | None) -> Written:
     prepared = {}
     for c in COMPONENT_NAMES:
         problems = check_component(ckpt.components[c], c, ckpt.configs[c])
@@ -221,13 +317,15 @@ def _write_folder(ckpt: Checkpoint, out: Path, dtype: str | None, metadata: dict
             folder = tmp / c
             folder.mkdir(exist_ok=True)
             file_meta = {"format": "pt", **(metadata if c == "unet" else {})}
+            unet_loss = loss if c == "unet" else None
             shas[c] = write_file(folder / COMPONENTS[c].weights_file, prepared[c],
-                                 metadata=provenance.with_data_hash(file_meta), dtype=dtype)
+                                 metadata=_file_metadata(file_meta, unet_loss), dtype=dtype,
+                                 room=_LOSS_ROOM if unet_loss else 0)
             config = _config_for_output(ckpt.configs[c], prepared[c], dtype)
             (folder / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
     size = sum(p.stat().st_size for p in out.rglob("*") if p.is_file())
     roots = tuple(sorted({str(p)[: -len(r)].rstrip("/") for r, p in files.items()}))
-    return Written(out, "diffusers", sum(len(t) for t in prepared.values()), size, shas, roots)
+    return Written(out, "diffusers", sum(len(t) for t in prepared.values()), size, shas, roots, loss)
 
 
 def _write_lightning_scheduler(folder: Path, metadata: Mapping[str, str]) -> None:

@@ -21,6 +21,7 @@ from typing import Any
 import click
 
 from lightning_tools import __version__
+from lightning_tools.dtypes import OUTPUT_DTYPES
 from lightning_tools.errors import ChecksFailed, Interrupted, UsageError, UserError
 from lightning_tools.report import Report
 
@@ -271,18 +272,36 @@ def convert_command(src: Path, to: str, out: Path, config_dir: Path | None, base
     return emit(report, as_json)
 
 
+_blocks_option = click.option(
+    "--blocks", default=None, metavar="SPEC",
+    help="Per-block strengths multiplying every --strength and --alpha: NAME:VALUE pairs such as "
+         "\"IN:0.5,MID:1,OUT:0.8\" or \"IN04:0.3,BASE:0\" (blocks BASE = text encoders, IN00-IN08, MID, "
+         "OUT00-OUT08; groups IN, OUT; later pairs win), or 20 numbers in kohya's --lbws order.")
+
+
 @main.command("merge")
 @click.option("--base", required=True, type=click.Path(path_type=Path),
               help="SDXL model: diffusers folder, ComfyUI all-in-one file, or a UNet file (either naming).")
-@click.option("--lora", "loras", required=True, multiple=True, type=click.Path(path_type=Path),
-              help="LoRA file (kohya or peft/diffusers); repeat for several.")
+@click.option("--lora", "loras", multiple=True, type=click.Path(path_type=Path),
+              help="LoRA file (kohya, LyCORIS or peft/diffusers); repeat for several.")
 @click.option("--strength", "strengths", multiple=True, type=float,
               help="LoRA strength (default 1; negative removes); one for all LoRAs or one per --lora, in order.")
+@click.option("--add-difference", "add_difference", multiple=True, type=click.Path(path_type=Path),
+              help="A tuned model (say a full Lightning UNet, any layout) whose difference to --minus is added: "
+                   "W + alpha * (TUNED - MINUS), streamed; repeatable.")
+@click.option("--minus", multiple=True, type=click.Path(path_type=Path),
+              help="The model --add-difference was tuned from (say SDXL base); one for all or one per "
+                   "--add-difference.")
+@click.option("--alpha", "alphas", multiple=True, type=float,
+              help="Weight of the difference (default 1); one for all or one per --add-difference.")
+@_blocks_option
 @click.option("--out", required=True, type=click.Path(path_type=Path),
               help="Output: *.safetensors for a single file, otherwise a diffusers folder.")
 @click.option("--to", type=click.Choice(["comfyui", "diffusers"]),
               help="Output layout (default: from OUT; a UNet base gives a UNet file).")
-@dtype_option
+@click.option("--dtype", type=click.Choice(list(OUTPUT_DTYPES)),
+              help="Cast floating-point tensors (integer tensors are kept). fp8: the UNet's matrices and convs in "
+                   "float8_e4m3fn, the rest fp16, with the error against fp16 reported.")
 @click.option("--compute-dtype", default="fp32", show_default=True, type=click.Choice(["fp16", "bf16", "fp32"]),
               help="Dtype of the merge arithmetic; the result is rounded once to the output dtype.")
 @click.option("--device", default="cpu", show_default=True, help="Where the LoRA arithmetic runs: cpu, cuda, cuda:N.")
@@ -295,15 +314,18 @@ def convert_command(src: Path, to: str, out: Path, config_dir: Path | None, base
 @click.option("--dry-run", is_flag=True, help="Print the plan (matches, output layout and size); write nothing.")
 @overwrite_option
 @json_option
-def merge_command(base: Path, loras: tuple[Path, ...], strengths: tuple[float, ...], out: Path, to: str | None,
-                  dtype: str | None, compute_dtype: str, device: str, config_dir: Path | None,
-                  allow_unmatched: bool, allow_stacking: bool, dry_run: bool, overwrite: bool,
-                  as_json: bool) -> Report:
-    """Bake LoRAs (a Lightning LoRA, say) into an SDXL base at chosen strengths, streaming."""
+def merge_command(base: Path, loras: tuple[Path, ...], strengths: tuple[float, ...],
+                  add_difference: tuple[Path, ...], minus: tuple[Path, ...], alphas: tuple[float, ...],
+                  blocks: str | None, out: Path, to: str | None, dtype: str | None, compute_dtype: str, device: str,
+                  config_dir: Path | None, allow_unmatched: bool, allow_stacking: bool, dry_run: bool,
+                  overwrite: bool, as_json: bool) -> Report:
+    """Bake LoRAs (a Lightning LoRA, say) and model differences (FT + (Lightning UNet - SDXL base)) into an SDXL
+    base at chosen strengths, per block if wished, streaming."""
     from lightning_tools.merge import merge
 
-    report = merge(base, loras, out, strengths=strengths, to=to, dtype=dtype, compute_dtype=compute_dtype,
-                   device=device, allow_unmatched=allow_unmatched, allow_stacking=allow_stacking, dry_run=dry_run,
+    report = merge(base, loras, out, strengths=strengths, add_difference=add_difference, minus=minus,
+                   alphas=alphas, blocks=blocks, to=to, dtype=dtype, compute_dtype=compute_dtype, device=device,
+                   allow_unmatched=allow_unmatched, allow_stacking=allow_stacking, dry_run=dry_run,
                    overwrite=overwrite, config_dir=config_dir)
     if report.unmatched_modules:
         click.echo(f"warning: skipped {len(report.unmatched_modules)} LoRA modules that fit no base weight "

@@ -6,6 +6,7 @@ for: `catalog`, `inspect` and `verify` never pay for it.
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from typing import TYPE_CHECKING, Literal
 
 from lightning_tools.errors import UsageError
@@ -26,6 +27,12 @@ FLOAT_CODES = frozenset({"F64", "F32", "F16", "BF16", "F8_E4M3", "F8_E5M2"})
 # What users type (`--dtype fp16`) -> safetensors code.
 UserDtype = Literal["fp16", "bf16", "fp32"]
 USER_DTYPES: dict[str, str] = {"fp16": "F16", "bf16": "BF16", "fp32": "F32"}
+# Model outputs may also be fp8: the UNet's matrices and convs in float8_e4m3fn (what ComfyUI loads as
+# fp8_e4m3fn), the rest fp16 (see `checkpoint.write_checkpoint`). LoRAs and arithmetic never are.
+FP8 = "F8_E4M3"
+OutputDtype = Literal["fp16", "bf16", "fp32", "fp8"]
+OUTPUT_DTYPES: dict[str, str] = USER_DTYPES | {"fp8": FP8}
+FP8_MAX = 448.0  # the largest finite float8_e4m3fn; torch saturates larger values to it
 
 
 def torch_dtype(code: str) -> "torch.dtype":
@@ -39,13 +46,14 @@ def code_of(dtype: "torch.dtype") -> str:
     return next(code for code, torch_name in TORCH_NAME.items() if torch_name == name)
 
 
-def parse(name: str | None, option: str = "--dtype") -> str | None:
-    """A user dtype name as its safetensors code (None stays None); an unknown name is a usage error."""
+def parse(name: str | None, option: str = "--dtype", allowed: Mapping[str, str] = USER_DTYPES) -> str | None:
+    """A user dtype name as its safetensors code (None stays None); a name not in `allowed` (USER_DTYPES, or
+    OUTPUT_DTYPES where fp8 makes sense) is a usage error."""
     if name is None:
         return None
-    if name not in USER_DTYPES:
-        raise UsageError(f"{option} {name}: unknown dtype; choose one of {', '.join(USER_DTYPES)}")
-    return USER_DTYPES[name]
+    if name not in allowed:
+        raise UsageError(f"{option} {name}: unknown dtype; choose one of {', '.join(allowed)}")
+    return allowed[name]
 
 
 def target(code: str, cast_to: str | None) -> str:

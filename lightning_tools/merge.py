@@ -1,16 +1,21 @@
-"""`merge`: bake one or more LoRAs into an SDXL base, streaming.
+"""`merge`: bake LoRAs and model differences into an SDXL base, streaming.
 
-The base opens as a lazy `Checkpoint` in diffusers naming whatever its layout; every weight (and bias) a LoRA
-adapts is replaced by a lazy tensor that, when the writer asks for it, merges the LoRA modules into it one after
-another (`lora.add_lora`: W + s_i * (alpha_i / rank_i) * delta_i, DoRA rescaled) in the compute dtype. The
-writer rounds it once to the output dtype. Every other tensor keeps its stored bytes and is copied without
-decoding. Merging happens in diffusers space before any key map, so OpenCLIP's fused in_proj in a single-file
-output is built from already merged q/k/v.
+The base opens as a lazy `Checkpoint` in diffusers naming whatever its layout; every tensor a difference or a
+LoRA changes is replaced by a lazy tensor that, when the writer asks for it, is computed in the compute dtype:
+first each difference, W + alpha * (W_tuned - W_minus) with the tuned and minus models read tensor by tensor
+in step with the base (any layouts: they are in diffusers naming too), then each LoRA module
+(`lora.add_lora`: W + s_i * (alpha_i / rank_i) * delta_i, DoRA rescaled). Per-block strengths (`blocks`)
+multiply each LoRA's strength and each difference's alpha by the weight of the block the tensor lies in; a
+tensor whose every strength comes out 0 is left as it is. The writer rounds each result once to the output
+dtype. Every other tensor keeps its stored bytes and is copied without decoding. Merging happens in diffusers
+space before any key map, so OpenCLIP's fused in_proj in a single-file output is built from already merged
+q/k/v.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import json
 import math
 import threading
 from collections.abc import Sequence
@@ -21,13 +26,15 @@ from typing import TYPE_CHECKING
 
 from lightning_tools import dtypes, hub
 from lightning_tools import provenance as prov
-from lightning_tools.checkpoint import Checkpoint, Written, open_checkpoint, write_checkpoint
+from lightning_tools.blocks import BlockWeights, parse_blocks
+from lightning_tools.checkpoint import Checkpoint, Written, open_checkpoint, write_checkpoint, written_dtype
 from lightning_tools.device import parse_device
 from lightning_tools.errors import UsageError, UserError
 from lightning_tools.lora import LoraFile, LoraModule, add_lora, add_lora_bias, modules_of_keys, read_lora
 from lightning_tools.outputs import check_containment
 from lightning_tools.report import Report
 from lightning_tools.sampling import Sampling
+from lightning_tools.sdxl.keys import LOGIT_SCALE
 from lightning_tools.stream import LazyTensor
 from lightning_tools.tensors import read_tensor
 
@@ -35,21 +42,48 @@ if TYPE_CHECKING:
     import torch
 
 OUTPUTS = ("comfyui", "diffusers")
+# What a difference changes: the parts a fine-tune or a distillation changes. The VAE is always the base's.
+DIFFERENCE_COMPONENTS = ("unet", "text_encoder", "text_encoder_2")
 _SHOWN = 10  # unmatched modules named in an error message
+
+
+@dataclass(frozen=True)
+class Difference:
+    """One `--add-difference TUNED --minus MINUS --alpha A` term: W + A * (W_tuned - W_minus), with both models
+    open lazily in diffusers naming."""
+
+    tuned: Checkpoint
+    minus: Checkpoint
+    alpha: float
 
 
 @dataclass
 class MergePlan:
-    """Which base weight each LoRA module adds to, and what found no target."""
+    """What each changed base tensor gets, by (component, key): the LoRA modules and the differences at their
+    strengths (block weights included; zeros left out), and the LoRA modules that found no target."""
 
     targets: dict[tuple[str, str], list[tuple[LoraModule, float]]] = field(default_factory=dict)
     matched: list[dict[str, int]] = field(default_factory=list)  # per LoRA: component -> modules
     unmatched: list[str] = field(default_factory=list)  # "file: module: why"
+    differences: dict[tuple[str, str], list[tuple[Difference, float]]] = field(default_factory=dict)
+    difference_tensors: list[dict[str, int]] = field(default_factory=list)  # per difference: component -> tensors
+
+    @property
+    def changed(self) -> set[tuple[str, str]]:
+        return set(self.targets) | set(self.differences)
 
 
-def plan_merge(base: Checkpoint, loras: Sequence[LoraFile], strengths: Sequence[float]) -> MergePlan:
-    """Match every LoRA module to a base weight of the same shape; collect the ones that find none."""
+def plan_merge(base: Checkpoint, loras: Sequence[LoraFile], strengths: Sequence[float], *,
+               differences: Sequence[Difference] = (), blocks: BlockWeights | None = None) -> MergePlan:
+    """Match every LoRA module to a base weight of the same shape, collecting the ones that find none, and every
+    difference to the base's tensors, refusing (before anything is written) tensors that are missing or shaped
+    otherwise in the tuned or minus model."""
     plan = MergePlan()
+    unet_config = base.configs["unet"]
+
+    def weight(component: str, key: str) -> float:
+        return 1.0 if blocks is None else blocks.of(component, key, unet_config)
+
     for lora, strength in zip(loras, strengths):
         counts: dict[str, int] = {}
         plan.unmatched += [f"{lora.path.name}: {name}: no such module in SDXL" for name in lora.unresolved]
@@ -58,12 +92,54 @@ def plan_merge(base: Checkpoint, loras: Sequence[LoraFile], strengths: Sequence[
             if why:
                 plan.unmatched.append(f"{lora.path.name}: {m.name}: {why}")
                 continue
-            plan.targets.setdefault((m.component, m.module + ".weight"), []).append((m, strength))
-            if m.bias is not None:
-                plan.targets.setdefault((m.component, m.module + ".bias"), []).append((m, strength))
             counts[m.component] = counts.get(m.component, 0) + 1
+            scaled = strength * weight(m.component, m.module)
+            if scaled == 0:
+                continue
+            plan.targets.setdefault((m.component, m.module + ".weight"), []).append((m, scaled))
+            if m.bias is not None:
+                plan.targets.setdefault((m.component, m.module + ".bias"), []).append((m, scaled))
         plan.matched.append(counts)
+    for diff in differences:
+        counts = {}
+        for c, key in _difference_keys(base, diff):
+            counts[c] = counts.get(c, 0) + 1
+            scaled = diff.alpha * weight(c, key)
+            if scaled != 0:
+                plan.differences.setdefault((c, key), []).append((diff, scaled))
+        plan.difference_tensors.append(counts)
     return plan
+
+
+def _difference_keys(base: Checkpoint, diff: Difference) -> list[tuple[str, str]]:
+    """The floating tensors of the components base, tuned and minus all have; refused in one line when they
+    are not the same architecture (a key missing on either side, or another shape)."""
+    components = [c for c in DIFFERENCE_COMPONENTS
+                  if all(c in ckpt.components for ckpt in (base, diff.tuned, diff.minus))]
+    if not components:
+        raise UserError(f"{diff.tuned.path} and {diff.minus.path} have no UNet or text encoder in common with "
+                        f"{base.path}; nothing to add the difference to")
+    keys, problems = [], []
+    for c in components:
+        ours = base.components[c]
+        for other in (diff.tuned, diff.minus):
+            theirs = other.components[c]
+            problems += [f"{other.path} has {c} tensor {k}, which {base.path} lacks" for k in theirs
+                         if k not in ours and k != LOGIT_SCALE]
+            for key, t in ours.items():
+                if key == LOGIT_SCALE or t.dtype not in dtypes.FLOAT_CODES:
+                    continue  # OpenCLIP's temperature is not used to generate; integer tensors are not weights
+                if key not in theirs:
+                    problems.append(f"{other.path} lacks {c} tensor {key}")
+                elif theirs[key].shape != t.shape:
+                    problems.append(f"{c} {key} is {list(theirs[key].shape)} in {other.path} but {list(t.shape)} "
+                                    f"in {base.path}")
+        keys += [(c, key) for key, t in ours.items() if key != LOGIT_SCALE and t.dtype in dtypes.FLOAT_CODES]
+    if problems:
+        raise UserError(f"the difference does not fit the base: {problems[0]}" +
+                        (f" (and {len(problems) - 1} more)" if len(problems) > 1 else "") +
+                        "; base, --add-difference and --minus must be the same architecture (SDXL, same widths)")
+    return keys
 
 
 def _mismatch(base: Checkpoint, m: LoraModule) -> str | None:
@@ -95,27 +171,36 @@ def _fits(delta: tuple[int, ...], weight: tuple[int, ...]) -> bool:
 
 def apply_plan(base: Checkpoint, plan: MergePlan, compute_dtype: "torch.dtype | None" = None,
                device: "torch.device | str" = "cpu", dtype: str | None = None) -> Checkpoint:
-    """The base with every planned weight replaced by its lazily merged value (untouched tensors as stored).
+    """The base with every planned tensor replaced by its lazily merged value (untouched tensors as stored).
 
-    A merged weight is computed in `compute_dtype` (default fp32) and rounded once to the output `dtype` (fp16/bf16/fp32;
-    None keeps the base's; a safetensors code). Weights are computed one ahead of the writer in a worker thread, so the arithmetic
-    of the next weight overlaps the writing of this one.
+    A merged tensor is computed in `compute_dtype` (default fp32): each difference as `d = W_tuned - W_minus;
+    d *= alpha; W += d`, the operations of the plain torch expression, then each LoRA module; it is rounded once
+    to the output `dtype` (fp16/bf16/fp32; None keeps the base's; a safetensors code). Tensors are computed one
+    ahead of the writer in a worker thread, so the arithmetic of the next overlaps the writing of this one.
     """
     import torch
 
     compute_dtype = compute_dtype or torch.float32
     components = {c: dict(tensors) for c, tensors in base.components.items()}
-    order = [(c, k) for c, tensors in components.items() for k in tensors if (c, k) in plan.targets]
+    changed = plan.changed
+    order = [(c, k) for c, tensors in components.items() for k in tensors if (c, k) in changed]
     scratch = _Scratch()
 
     def compute(target: tuple[str, str]) -> "torch.Tensor":
         import torch
 
-        weight = base.components[target[0]][target[1]]
-        stored = scratch.read(weight.stored) if weight.stored is not None else weight.load()
-        w = scratch.work(weight.shape, compute_dtype, device).copy_(stored)
-        add = add_lora_bias if target[1].endswith(".bias") else add_lora
-        for module, strength in plan.targets[target]:
+        c, key = target
+        weight = base.components[c][key]
+        w = scratch.work(0, weight.shape, compute_dtype, device).copy_(scratch.value(weight))
+        for diff, alpha in plan.differences.get(target, ()):
+            d = scratch.work(1, weight.shape, compute_dtype, device)
+            d.copy_(scratch.value(diff.tuned.components[c][key]))
+            d.sub_(scratch.value(diff.minus.components[c][key]).to(device))
+            if alpha != 1:
+                d.mul_(alpha)
+            w.add_(d)
+        add = add_lora_bias if key.endswith(".bias") else add_lora
+        for module, strength in plan.targets.get(target, ()):
             add(w, module, strength)
         return torch.empty(w.shape, dtype=dtypes.torch_dtype(dtypes.target(weight.dtype, dtype))).copy_(w)
 
@@ -133,20 +218,26 @@ class _Scratch(threading.local):
 
     def __init__(self):
         self._raw = bytearray()
-        self._work: torch.Tensor | None = None
+        self._work: dict[int, torch.Tensor] = {}
 
-    def read(self, info) -> "torch.Tensor":
+    def value(self, tensor: LazyTensor) -> "torch.Tensor":
+        """The tensor's value; stored bytes are read into the raw buffer, valid until the next `value`."""
+        if tensor.stored is None:
+            return tensor.load()
+        info = tensor.stored
         if len(self._raw) < info.nbytes:
             self._raw = bytearray(info.nbytes)
-        return read_tensor(info, into=self._raw)
+        return read_tensor(info, into=self._raw).view(tensor.shape)
 
-    def work(self, shape: tuple[int, ...], dtype: "torch.dtype", device) -> "torch.Tensor":
+    def work(self, slot: int, shape: tuple[int, ...], dtype: "torch.dtype", device) -> "torch.Tensor":
+        """Work buffer number `slot` (the weight, a difference) as a tensor of `shape`."""
         import torch
 
         n = math.prod(shape)
-        if self._work is None or self._work.numel() < n or self._work.dtype != dtype:
-            self._work = torch.empty(n, dtype=dtype, device=device)
-        return self._work[:n].view(shape)
+        buffer = self._work.get(slot)
+        if buffer is None or buffer.numel() < n or buffer.dtype != dtype or buffer.device != torch.device(device):
+            buffer = self._work[slot] = torch.empty(n, dtype=dtype, device=device)
+        return buffer[:n].view(shape)
 
 
 class _OneAhead:
@@ -197,6 +288,16 @@ class LoraMatch:
 
 
 @dataclass
+class DifferenceMatch:
+    """One difference of a merge: tuned and minus models, alpha, and the tensors it changes per component."""
+
+    tuned: Path
+    minus: Path
+    alpha: float
+    tensors: dict[str, int]
+
+
+@dataclass
 class MergeReport(Report):
     """What a merge matched and wrote (or, for a dry run, would write)."""
 
@@ -212,6 +313,8 @@ class MergeReport(Report):
     unmatched_modules: list[str]
     unknown_keys: list[str]
     estimated_bytes: int
+    differences: list[DifferenceMatch] = field(default_factory=list)
+    blocks: dict[str, float] | None = None  # per-block strengths, when given
     accelerators: list[Accelerator] = field(default_factory=list)
     sampling: dict[str, str] = field(default_factory=dict)  # the sampling keys written into the output
     written: Written | None = None
@@ -219,10 +322,15 @@ class MergeReport(Report):
     def describe(self) -> str:
         """A few lines for people: what matched, what was written (or would be, for a dry run)."""
         lines = [f"base {self.base} ({self.base_layout})"]
+        for diff in self.differences:
+            changed = ", ".join(f"{c} {n}" for c, n in diff.tensors.items())
+            lines.append(f"  + {diff.alpha:g} x ({diff.tuned} - {diff.minus}): {changed} tensors")
         for lora in self.loras:
             matched = ", ".join(f"{c} {n}" for c, n in lora.matched.items()) or "nothing"
             lines.append(f"  + {lora.file} ({lora.format}) at {lora.strength:g}: {lora.modules} modules, "
                          f"matched {matched}")
+        if self.blocks is not None:
+            lines.append(f"  per-block strengths: {BlockWeights(self.blocks).describe()}")
         if self.unmatched_modules:
             lines.append(f"  skipped {len(self.unmatched_modules)} unmatched LoRA modules "
                          f"(e.g. {self.unmatched_modules[0]})")
@@ -231,14 +339,16 @@ class MergeReport(Report):
                          f"(e.g. {self.unknown_keys[0]})")
         if self.written is not None:
             lines.append(f"wrote {self.output} ({self.written.layout}, {self.written.bytes / 1e9:.2f} GB), "
-                         f"{self.tensors_merged} weights merged")
+                         f"{self.tensors_merged} tensors merged")
+            if self.written.fp8 is not None:
+                lines.append(f"  {self.written.fp8.describe()}")
             if self.sampling:
                 lines.append(f"  sampling: {self.sampling.get(prov.FAMILY)} {self.sampling.get(prov.PROFILE)}, "
                              f"{self.sampling.get(prov.STEPS)} steps ({self.sampling.get(prov.PREDICTION_TYPE)} "
                              "prediction)")
         else:
             lines.append(f"would write {self.output} ({self.target}, about {self.estimated_bytes / 1e9:.2f} GB), "
-                         f"{self.tensors_merged} weights merged (dry run: nothing written)")
+                         f"{self.tensors_merged} tensors merged (dry run: nothing written)")
         if len(self.accelerators) > 1:
             lines.append(f"  stacked few-step accelerators (--allow-stacking): "
                          f"{'; '.join(a.describe() for a in self.accelerators)}; the output records the first one's "
@@ -248,11 +358,12 @@ class MergeReport(Report):
 
 @dataclass(frozen=True)
 class Accelerator(Report):
-    """An input that is a few-step model: a LoRA merged at a positive strength, or a base, whose sampling
-    profile is known (from its metadata, the catalogue or its name)."""
+    """An input that is a few-step model: a LoRA merged at a positive strength, a tuned model whose difference
+    is added at a positive alpha, or a base, whose sampling profile is known (from its metadata, the catalogue
+    or its name)."""
 
     file: str
-    role: str  # "lora" | "base"
+    role: str  # "lora" | "add_difference" | "base"
     sampling: Sampling
     why: str
 
@@ -265,75 +376,124 @@ class Accelerator(Report):
                 "profile": self.sampling.profile.name, "steps": self.sampling.steps, "why": self.why}
 
 
-def accelerators(base: Path, base_metadata: dict[str, str], loras: Sequence[LoraFile], strengths: Sequence[float],
-                 sha256s: dict[Path, str | None]) -> list[Accelerator]:
-    """The few-step inputs of a merge, LoRAs first in their order, then the base. `sha256s`: the whole-file
-    hashes known so far (a name can identify a file whose hash is not known yet)."""
+def lora_accelerators(loras: Sequence[LoraFile], strengths: Sequence[float],
+                      sha256s: dict[Path, str | None]) -> list[Accelerator]:
+    """The LoRAs among `loras` that are few-step accelerators at a positive strength, in their order."""
     found = []
     for lora, strength in zip(loras, strengths):
         hit = prov.settings_for(lora.path, lora.metadata, sha256s.get(lora.path)) if strength > 0 else None
         if hit:
             found.append(Accelerator(lora.path.name, "lora", *hit))
+    return found
+
+
+def accelerators(base: Path, base_metadata: dict[str, str], loras: Sequence[LoraFile], strengths: Sequence[float],
+                 sha256s: dict[Path, str | None], differences: Sequence[Difference] = ()) -> list[Accelerator]:
+    """The few-step inputs of a merge: LoRAs first in their order, then tuned models of differences, then the
+    base. `sha256s`: the whole-file hashes known so far (a name can identify a file whose hash is not known
+    yet)."""
+    found = lora_accelerators(loras, strengths, sha256s)
+    for diff in differences:
+        tuned = diff.tuned.path
+        hit = prov.settings_for(tuned, diff.tuned.metadata, sha256s.get(tuned)) if diff.alpha > 0 else None
+        if hit:
+            found.append(Accelerator(tuned.name, "add_difference", *hit))
     hit = prov.settings_for(base, base_metadata, sha256s.get(base))
     if hit:
         found.append(Accelerator(base.name, "base", *hit))
     return found
 
 
-def check_stacking(found: Sequence[Accelerator], allow_stacking: bool) -> None:
+def check_stacking(found: Sequence[Accelerator], allow_stacking: bool, what: str = "merge") -> None:
     """Refuse two accelerators in one merge unless allowed: each was distilled for its own sampler."""
     if len(found) > 1 and not allow_stacking:
         listed = "; ".join(a.describe() for a in found)
-        raise UserError(f"this merge stacks {len(found)} few-step accelerators: {listed}. Each was distilled for "
+        raise UserError(f"this {what} stacks {len(found)} few-step accelerators: {listed}. Each was distilled for "
                         "its own sampler, timesteps and CFG, so together they sample like neither (usually burnt or "
                         "blurred images); merge only one, or pass --allow-stacking to merge them anyway")
 
 
 def merge(base: Path | str, loras: Sequence[Path | str], out: Path | str, *, strengths: Sequence[float] = (),
-          to: str | None = None, dtype: str | None = None, compute_dtype: str = "fp32", device: str = "cpu",
-          allow_unmatched: bool = False, allow_stacking: bool = False, dry_run: bool = False,
+          add_difference: Sequence[Path | str] = (), minus: Sequence[Path | str] = (), alphas: Sequence[float] = (),
+          blocks: str | None = None, to: str | None = None, dtype: str | None = None, compute_dtype: str = "fp32",
+          device: str = "cpu", allow_unmatched: bool = False, allow_stacking: bool = False, dry_run: bool = False,
           overwrite: bool = False, config_dir: Path | str | None = None) -> MergeReport:
-    """Merge `loras` (each at its strength; one strength applies to all) into `base`, writing `out`.
+    """Merge differences and `loras` into `base`, writing `out`.
 
-    Refuses, before writing anything, when a LoRA module finds no target of the same shape, unless
-    `allow_unmatched` (then they are skipped and reported, as long as something matched). With `dry_run` only
-    the plan is returned. `dtype`/`compute_dtype`: fp16, bf16 or fp32. Two few-step accelerators (LoRAs at a
-    positive strength, or an accelerated base and such a LoRA) are refused unless `allow_stacking`.
+    Each `add_difference` model adds alpha * (it - its `minus`) (one `minus` and one alpha may serve all); each
+    LoRA is merged at its strength (one strength may serve all). `blocks` (see `blocks.parse_blocks`) scales
+    both per UNet block and for the text encoders (BASE). Refuses, before writing anything, a difference whose
+    models are not the same architecture as the base, and a LoRA module that finds no target of the same shape
+    unless `allow_unmatched` (then they are skipped and reported, as long as something matched). With `dry_run`
+    only the plan is returned. `dtype`: fp16, bf16, fp32 or fp8 (the UNet's matrices and convs in
+    float8_e4m3fn, the rest fp16, with the loss against fp16 in the report); `compute_dtype`: fp16, bf16 or
+    fp32. Two few-step accelerators (LoRAs at a positive strength, tuned models at a positive alpha, a few-step
+    base) are refused unless `allow_stacking`.
     """
     base, out, loras = Path(base), Path(out), [Path(p) for p in loras]
-    strengths = _strengths(strengths, len(loras))
-    code = dtypes.parse(dtype)
+    tuned = [Path(p) for p in add_difference]
+    if not loras and not tuned:
+        raise UsageError("nothing to merge: give --lora LORA and/or --add-difference TUNED --minus BASE")
+    if minus and not tuned:
+        raise UsageError("--minus goes with --add-difference TUNED: the model TUNED was tuned from")
+    if tuned and not minus:
+        raise UsageError("--add-difference needs --minus BASE, the model TUNED was tuned from (W + alpha * "
+                         "(TUNED - BASE))")
+    if alphas and not tuned:
+        raise UsageError("--alpha goes with --add-difference; a LoRA's weight is --strength")
+    strengths = _per_input(list(strengths) or [1.0], len(loras), ("strengths", "LoRAs"), ("--strength", "--lora"))
+    minuses = [Path(p) for p in _per_input(minus, len(tuned), ("--minus models", "differences"),
+                                            ("--minus", "--add-difference"))]
+    alphas = _per_input(list(alphas) or [1.0], len(tuned), ("alphas", "differences"), ("--alpha", "--add-difference"))
+    weights = parse_blocks(blocks)
+    code = dtypes.parse(dtype, allowed=dtypes.OUTPUT_DTYPES)
     compute = dtypes.parse(compute_dtype, "--compute-dtype")
     dev = parse_device(device)
-    check_containment(out, (base, *loras, config_dir))
+    check_containment(out, (base, *loras, *tuned, *minuses, config_dir))
     if out.exists() and not overwrite and not dry_run:
         raise UserError("already exists; pass --overwrite to replace it", path=out)
 
     ckpt = open_checkpoint(base, config_dir)
+    opened: dict[Path, Checkpoint] = {}
+
+    def model(path: Path) -> Checkpoint:
+        if path not in opened:
+            opened[path] = open_checkpoint(path, config_dir)
+        return opened[path]
+
+    differences = [Difference(model(t), model(m), a) for t, m, a in zip(tuned, minuses, alphas)]
     targets = {c: modules_of_keys(t, c) for c, t in ckpt.components.items() if c != "vae"}
     files = [read_lora(p, targets, ckpt.configs["unet"]) for p in loras]
-    plan = plan_merge(ckpt, files, strengths)
+    plan = plan_merge(ckpt, files, strengths, differences=differences, blocks=weights)
     to_format = output_format(ckpt, out, to)
     report = MergeReport(
         base, ckpt.layout, out, to_format, dtype, compute_dtype, device,
         [LoraMatch(f.path, f.format, s, len(f.modules) + len(f.unresolved), counts)
          for f, s, counts in zip(files, strengths, plan.matched)],
-        len(plan.targets), plan.unmatched, ckpt.unknown_keys, _estimated_size(ckpt, code))
+        len(plan.changed), plan.unmatched, ckpt.unknown_keys, _estimated_size(ckpt, code),
+        [DifferenceMatch(t, m, a, counts) for t, m, a, counts in zip(tuned, minuses, alphas, plan.difference_tensors)],
+        weights.to_json() if weights else None)
     if plan.unmatched and not allow_unmatched:
         shown = "; ".join(plan.unmatched[:_SHOWN]) + ("; ..." if len(plan.unmatched) > _SHOWN else "")
         raise UserError(f"{len(plan.unmatched)} LoRA modules find no matching weight in {base} ({shown}); "
                         "is the LoRA for SDXL? --allow-unmatched merges the rest")
-    if not plan.targets:
+    if files and not any(plan.matched):
         raise UserError(f"no LoRA module matches a weight of {base}: the output would be a plain copy of the base; "
                         "is the LoRA for SDXL?")
-    known = {p: (hub.manifest_entry(p) or {}).get("sha256") if p.is_file() else None for p in (base, *loras)}
-    report.accelerators = accelerators(base, ckpt.metadata, files, strengths, known)
+    if not plan.changed:
+        raise UserError("every strength and alpha comes out 0 (with --blocks): the output would be a plain copy of "
+                        f"{base}")
+    known = {p: (hub.manifest_entry(p) or {}).get("sha256") if p.is_file() else None
+             for p in (base, *loras, *tuned)}
+    report.accelerators = accelerators(base, ckpt.metadata, files, strengths, known, differences)
     check_stacking(report.accelerators, allow_stacking)
     if dry_run:
         return report
 
-    merged = apply_plan(ckpt, plan, dtypes.torch_dtype(compute), dev, code)
-    metadata, report.accelerators = _metadata(base, ckpt, files, strengths, out, to_format, allow_stacking)
+    # An fp8 output is the fp16 one rounded to fp8: merged tensors are rounded to fp16 first.
+    merged = apply_plan(ckpt, plan, dtypes.torch_dtype(compute), dev, "F16" if code == dtypes.FP8 else code)
+    metadata, report.accelerators = _metadata(base, ckpt, files, strengths, differences, weights, out, to_format,
+                                              allow_stacking)
     report.sampling = {k: metadata[k] for k in (prov.FAMILY, prov.PROFILE, prov.STEPS, prov.PREDICTION_TYPE)
                        if k in metadata}
     report.written = write_checkpoint(merged, out, to_format, dtype=code, metadata=metadata, overwrite=overwrite,
@@ -341,32 +501,41 @@ def merge(base: Path | str, loras: Sequence[Path | str], out: Path | str, *, str
     return report
 
 
-def _strengths(strengths: Sequence[float], count: int) -> list[float]:
-    strengths = list(strengths) or [1.0]
-    if len(strengths) == 1:
-        return strengths * count
-    if len(strengths) != count:
-        raise UsageError(f"{len(strengths)} strengths for {count} LoRAs: give one --strength for all, or one per "
-                         "--lora in the same order")
-    return strengths
+def _per_input(values: Sequence, count: int, nouns: tuple[str, str], options: tuple[str, str]) -> list:
+    """One value per input (LoRA, difference), from one given for all or one each in the same order."""
+    values = list(values)
+    if len(values) == 1:
+        return values * count
+    if len(values) != count:
+        raise UsageError(f"{len(values)} {nouns[0]} for {count} {nouns[1]}: give one {options[0]} for all, or one "
+                         f"per {options[1]} in the same order")
+    return values
 
 
 def _estimated_size(ckpt: Checkpoint, dtype: str | None) -> int:
-    return sum(math.prod(t.shape) * dtypes.ITEM_SIZE[dtypes.target(t.dtype, dtype)]
-               for tensors in ckpt.components.values() for t in tensors.values())
+    return sum(math.prod(t.shape) * dtypes.ITEM_SIZE[written_dtype(c, t, dtype)]
+               for c, tensors in ckpt.components.items() for t in tensors.values())
 
 
-def _metadata(base: Path, ckpt: Checkpoint, files: Sequence[LoraFile], strengths: Sequence[float], out: Path,
-              to_format: str, allow_stacking: bool) -> tuple[dict[str, str], list[Accelerator]]:
-    """ModelSpec + provenance: the base and every LoRA with sha256 and strength, and the sampling profile of the
-    first accelerator LoRA merged at a positive strength, else of the base (when it is a few-step model).
-    Identification now has every file's hash, so stacking is checked again."""
+def _metadata(base: Path, ckpt: Checkpoint, files: Sequence[LoraFile], strengths: Sequence[float],
+              differences: Sequence[Difference], blocks: BlockWeights | None, out: Path, to_format: str,
+              allow_stacking: bool) -> tuple[dict[str, str], list[Accelerator]]:
+    """ModelSpec + provenance: the base, every difference's tuned and minus model with its alpha, every LoRA
+    with its strength, all with sha256, the per-block strengths when they change anything, and the sampling
+    profile of the first accelerator (LoRAs, then tuned models, then the base). Identification now has every
+    file's hash, so stacking is checked again."""
     sources = [prov.Source.of("base", base, ckpt.metadata)]
+    for diff in differences:
+        sources += [prov.Source.of("add_difference", diff.tuned.path, diff.tuned.metadata, diff.alpha),
+                    prov.Source.of("minus", diff.minus.path, diff.minus.metadata, diff.alpha)]
     sources += [prov.Source.of("lora", lora.path, lora.metadata, strength) for lora, strength in zip(files, strengths)]
-    hashes = {Path(p): s.sha256 if s.sha256_of == "file" else None
-              for p, s in zip((base, *(f.path for f in files)), sources)}
-    found = accelerators(base, ckpt.metadata, files, strengths, hashes)
+    paths = (base, *(p for d in differences for p in (d.tuned.path, d.minus.path)), *(f.path for f in files))
+    hashes = {Path(p): s.sha256 if s.sha256_of == "file" else None for p, s in zip(paths, sources)}
+    found = accelerators(base, ckpt.metadata, files, strengths, hashes, differences)
     check_stacking(found, allow_stacking)
     title = out.name.removesuffix(".safetensors")
     spec = prov.modelspec(title, implementation="diffusers" if to_format == "diffusers" else "sgm")
-    return spec | prov.lightning_provenance("merge", sources, found[0].sampling if found else None), found
+    metadata = spec | prov.lightning_provenance("merge", sources, found[0].sampling if found else None)
+    if blocks is not None and not blocks.identity:
+        metadata[prov.BLOCKS] = json.dumps(blocks.to_json())
+    return metadata, found

@@ -39,6 +39,9 @@ SETTINGS = "lightning.settings"             # JSON: how to sample it (sampling.S
 SOURCES = "lightning.sources"               # JSON list of Source dicts
 TOOL = "lightning.tool"                     # "lightning-tools 0.1.0 merge"
 EXTRACT = "lightning.extract"               # JSON: an extracted LoRA's rank and error report
+LOWRANK = "lightning.lowrank"               # JSON: a resized or combined LoRA's ranks and error report
+BLOCKS = "lightning.blocks"                 # JSON: a merge's per-block strengths ({"BASE": 1, "IN00": 0.5, ...})
+FP8 = "lightning.fp8"                       # JSON: an fp8 UNet's error against fp16 (checkpoint.Fp8Loss)
 
 _HEX64 = re.compile(r"[0-9a-f]{64}")
 SOURCE_FIELDS = ("role", "file", "sha256", "strength", "sha256_of")
@@ -46,9 +49,10 @@ SOURCE_FIELDS = ("role", "file", "sha256", "strength", "sha256_of")
 
 @dataclass(frozen=True)
 class Source:
-    """One input of a file we wrote: its role (base, lora, unet, source, tuned), name, sha256 and what that
-    sha256 is of: "file" (the whole file, as `sha256sum` and the hub show it) or "data" (ModelSpec's hash of the
-    data after the header, which survives metadata edits)."""
+    """One input of a file we wrote: its role (base, lora, unet, source, tuned, add_difference, minus), name,
+    sha256 and what that sha256 is of: "file" (the whole file, as `sha256sum` and the hub show it) or "data"
+    (ModelSpec's hash of the data after the header, which survives metadata edits). `strength` is a LoRA's
+    strength, or a difference's alpha on both of its inputs."""
 
     role: str
     file: str
