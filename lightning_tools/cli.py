@@ -363,6 +363,76 @@ def extract_command(base: Path, tuned: Path, rank: int, conv_rank: int | None, o
                 as_json)
 
 
+# --- lora resize / combine --------------------------------------------------------------------------------------
+
+@main.group("lora")
+def lora_group() -> None:
+    """Resize a LoRA to a lower rank or combine several into one, with an error report per module."""
+
+
+_lora_out = click.option("--out", required=True, type=click.Path(path_type=Path), help="Output LoRA (.safetensors).")
+_lora_format = click.option("--format", "lora_format", default="kohya", show_default=True,
+                            type=click.Choice(["kohya", "peft"]),
+                            help="kohya: the official Lightning layout, loads everywhere; peft: diffusers/peft only.")
+_lora_device = click.option("--device", default="cpu", show_default=True, help="Where the SVDs run: cpu, cuda, cuda:N.")
+
+
+@lora_group.command("resize")
+@click.argument("src", type=click.Path(path_type=Path))
+@click.option("--rank", required=True, type=click.IntRange(min=1),
+              help="New rank (with --dynamic: the largest rank a module may keep).")
+@click.option("--conv-rank", type=click.IntRange(min=1), help="New rank of 3x3 conv modules (default: --rank).")
+@click.option("--dynamic", type=click.Choice(["sv_fro", "sv_ratio", "sv_cumulative"]),
+              help="Choose each module's rank from its singular values, as kohya's resize_lora.py: sv_fro keeps "
+                   "this fraction of the Frobenius norm, sv_cumulative of the sum of singular values, sv_ratio the "
+                   "values at least the largest divided by this.")
+@click.option("--dynamic-param", type=float, help="The fraction (sv_fro, sv_cumulative) or ratio (sv_ratio).")
+@_lora_out
+@_lora_format
+@click.option("--dtype", type=click.Choice(["fp16", "bf16", "fp32"]), help="Dtype of the output (default: the "
+              "source's).")
+@_lora_device
+@overwrite_option
+@json_option
+def lora_resize_command(src: Path, rank: int, conv_rank: int | None, dynamic: str | None,
+                        dynamic_param: float | None, out: Path, lora_format: str, dtype: str | None, device: str,
+                        overwrite: bool, as_json: bool) -> Report:
+    """Resize the LoRA/LoCon SRC to a lower rank; modules already at or below it are copied unchanged."""
+    from lightning_tools.lora_tools import resize_lora
+
+    return emit(resize_lora(src, out, rank=rank, conv_rank=conv_rank, dynamic=dynamic, dynamic_param=dynamic_param,
+                            format=lora_format, dtype=dtype, device=device, overwrite=overwrite), as_json)
+
+
+@lora_group.command("combine")
+@click.argument("loras", nargs=-1, required=True, type=click.Path(path_type=Path))
+@click.option("--strength", "strengths", multiple=True, type=float,
+              help="Strength of each LoRA in the sum (default 1); one for all or one per LoRA, in order.")
+@click.option("--rank", required=True, type=click.IntRange(min=1), help="Rank of the combined LoRA.")
+@click.option("--conv-rank", type=click.IntRange(min=1), help="Rank of 3x3 conv modules (default: --rank).")
+@_blocks_option
+@click.option("--clamp-quantile", type=click.FloatRange(0, 1, min_open=True),
+              help="Clip the factors at this quantile of their magnitudes, e.g. 0.99 (default: no clipping).")
+@_lora_out
+@_lora_format
+@click.option("--dtype", default="fp16", show_default=True, type=click.Choice(["fp16", "bf16", "fp32"]),
+              help="Dtype of the output.")
+@_lora_device
+@click.option("--allow-stacking", is_flag=True, help="Combine two few-step accelerators instead of refusing.")
+@overwrite_option
+@json_option
+def lora_combine_command(loras: tuple[Path, ...], strengths: tuple[float, ...], rank: int, conv_rank: int | None,
+                         blocks: str | None, clamp_quantile: float | None, out: Path, lora_format: str, dtype: str,
+                         device: str, allow_stacking: bool, overwrite: bool, as_json: bool) -> Report:
+    """Combine LoRAs (any variant but DoRA) into one: the sum of their changes at their strengths, refactorised
+    to --rank by SVD."""
+    from lightning_tools.lora_tools import combine_loras
+
+    return emit(combine_loras(loras, out, strengths=strengths, rank=rank, conv_rank=conv_rank, blocks=blocks,
+                              clamp_quantile=clamp_quantile, format=lora_format, dtype=dtype, device=device,
+                              allow_stacking=allow_stacking, overwrite=overwrite), as_json)
+
+
 # --- render -----------------------------------------------------------------------------------------------------
 
 @main.command("render")

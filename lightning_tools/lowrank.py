@@ -92,8 +92,12 @@ def factorize(delta: torch.Tensor, rank: int, clamp_quantile: float | None = Non
 
 def module_kind(module: str) -> str:
     """The role of a module without its place: `down_blocks.1.attentions.0.transformer_blocks.1.attn2.to_k`
-    -> `attn2.to_k`, `up_blocks.0.resnets.2.conv1` -> `resnets.conv1`, `...attentions.0.proj_in` -> `proj_in`."""
+    -> `attn2.to_k`, `up_blocks.0.resnets.2.conv1` -> `resnets.conv1`, `...attentions.0.proj_in` -> `proj_in`;
+    a text encoder's, named under its component, keeps the component: `text_encoder_2.text_model.encoder.layers.3
+    .mlp.fc1` -> `text_encoder_2 mlp.fc1`."""
     parts = module.split(".")
+    if parts[0].startswith("text_encoder") and "layers" in parts:
+        return f"{parts[0]} {'.'.join(parts[parts.index('layers') + 2:])}"
     for anchor in ("transformer_blocks", "attentions", "resnets", "downsamplers", "upsamplers"):
         if anchor in parts:
             rest = parts[parts.index(anchor) + 2:]  # drop the block index after the anchor
