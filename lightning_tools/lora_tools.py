@@ -324,9 +324,10 @@ def combine_loras(paths: Sequence[Path | str], out: Path | str, *, strengths: Se
     reports: list[ModuleReport] = []
     factors = _Factors(clamp_quantile, reports)
     modules = []
+    sdxl = {c: expected_shapes(c, base_config(c)) for c in lora.LORA_COMPONENTS}
     for component, module in sorted(groups, key=lambda cm: (lora.LORA_COMPONENTS.index(cm[0]), cm[1])):
         members = groups[(component, module)]
-        shape = _weight_shape(component, module, [m for m, _ in members])
+        shape = _weight_shape(component, module, [m for m, _ in members], sdxl[component])
         cap = conv_rank if _is_kxk(shape) else rank
         new_rank = min(cap, shape[0], math.prod(shape[1:]))
         job = _Job(_label(component, module), shape, new_rank, code, _summed(members, shape, dev))
@@ -354,9 +355,11 @@ def _summed(members: list[tuple[lora.LoraModule, float]], shape: tuple[int, ...]
     return delta
 
 
-def _weight_shape(component: str, module: str, members: list[lora.LoraModule]) -> tuple[int, ...]:
+def _weight_shape(component: str, module: str, members: list[lora.LoraModule],
+                  sdxl_shapes: dict[str, tuple[int, ...]]) -> tuple[int, ...]:
     """The adapted weight's shape. LoHa and LoKr factors of a conv are stored flattened (out, in * k * k): the
-    kernel comes from another file's module, else from the SDXL base's weight of that name when it fits."""
+    kernel comes from another file's module, else from the SDXL base's weight of that name when it fits (a
+    LoRA for another width keeps the flattened form, which merge and ComfyUI take)."""
     shapes = {m.delta_shape for m in members}
     flat = {(s[0], math.prod(s[1:])) for s in shapes}
     if len(flat) > 1:
@@ -366,7 +369,7 @@ def _weight_shape(component: str, module: str, members: list[lora.LoraModule]) -
     full = [s for s in shapes if len(s) == 4]
     if full:
         return full[0]
-    sdxl = expected_shapes(component, base_config(component)).get(module + ".weight")
+    sdxl = sdxl_shapes.get(module + ".weight")
     if sdxl is not None and len(sdxl) == 4 and (sdxl[0], math.prod(sdxl[1:])) in flat:
         return tuple(sdxl)
     return shapes.pop()

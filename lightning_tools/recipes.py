@@ -52,6 +52,7 @@ OUTPUT_OPTIONS: dict[str, tuple[str, ...]] = {
 NEEDS_OUTPUT = frozenset({"fetch", "merge", "convert", "render", "extract"})
 # Options that name existing files or folders: they must exist (or be an earlier step's output) and are hashed.
 INPUT_OPTIONS = frozenset({"src", "paths", "path", "model", "base", "lora", "config", "reference", "tuned",
+                           "add_difference", "add-difference", "minus",
                            "prompts", "validation"})
 # Parameters the runner sets itself: it replaces only what it wrote, and reads results as values, not JSON.
 RUNNER_PARAMETERS = frozenset({"overwrite", "as_json"})
