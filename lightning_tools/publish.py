@@ -244,7 +244,7 @@ def render_card(repo_id: str, revision: str, layout: str, metadata: dict[str, st
     family = settings.family
     licence = licence or family.license
     sources = meta.read_sources(metadata)
-    merged = any(s.get("role") == "lora" for s in sources)
+    merged = any(s.get("role") in ("lora", "add_difference") for s in sources)
     tags = ["text-to-image", "stable-diffusion-xl", family.title.lower(), "lightning-tools"] + \
         (["lora"] if layout == "lora" else [])
     front = ["---", *_licence_front_matter(licence), "base_model:"]
@@ -265,6 +265,8 @@ def render_card(repo_id: str, revision: str, layout: str, metadata: dict[str, st
             strength = "" if s.get("strength") is None else f"{s['strength']:g}"
             lines.append(f"| {s.get('role', '')} | {name} | `{s.get('sha256') or 'unknown'}` | "
                          f"{_HASH_OF.get(s.get('sha256_of'), 'not recorded')} | {strength} |")
+        if meta.BLOCKS in metadata:
+            lines += ["", f"Per-block strengths (`--blocks`, kohya's order): `{metadata[meta.BLOCKS]}`"]
         lines += ["", "A file sha256 is what `sha256sum` and the hub show; a tensor-data sha256 is ModelSpec's "
                   "`modelspec.hash_sha256` (the bytes after the header), which `lightning-tools verify` checks."]
         tool = metadata.get(meta.TOOL)

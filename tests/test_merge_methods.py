@@ -226,6 +226,13 @@ def test_the_output_records_its_recipe_and_samples_like_the_tuned_model(models, 
     # the tuned UNet is named like SDXL-Lightning's 4-step UNet: the output samples as it does
     assert metadata[meta.STEPS] == "4" and metadata[meta.FAMILY] == "lightning"
     assert report["accelerators"][0]["role"] == "add_difference"
+    card = tmp_path / "card.md"
+    cli("publish", out, "--repo-id", "me/lightningized", "--config", models["base"], "--dry-run", "--card", card,
+        ok=True)
+    text = card.read_text()
+    assert f"| add_difference | `{models['tuned_unet'].name}`" in text and f"| {ALPHA:g} |" in text
+    assert "| minus | `minus.safetensors`" in text and "Per-block strengths" in text and '"OUT04": 0.5' in text
+    assert "base_model_relation: merge" in text
 
 
 def test_a_lightning_difference_and_a_lightning_lora_are_stacking(models, tiny_lora, tmp_path, cli):

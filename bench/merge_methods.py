@@ -1,0 +1,204 @@
+"""Benchmark `merge --add-difference` at full size against `cp` and the whole-model torch way, in one run.
+
+    flock /tmp/lightning-bench.lock python3 bench/merge_methods.py --dir /tmp/bench-methods
+    python3 bench/merge_methods.py --scale tiny --dir /tmp/bench-methods-tiny     # quick check of the bench itself
+
+Builds, tensor by tensor from cheap non-zero patterns (a different one per model), the three inputs of
+"Lightning-izing" a fine-tune, each with a ModelSpec data hash so provenance needs no extra hashing pass:
+
+    ft.safetensors                          a fine-tune: SDXL all-in-one ComfyUI file, fp16 (~6.9 GB)
+    sdxl_lightning_4step_unet.safetensors   the tuned UNet, ComfyUI models/unet layout, fp16 (~5.1 GB)
+    sdxl_base.safetensors                   the model it was tuned from: all-in-one file, fp16 (~6.9 GB)
+
+then times, each in its own process under /usr/bin/time (wall clock and peak RSS), `--repeat` times (medians):
+
+    cp of a file of the output's size (sdxl_base.safetensors)
+    ours: merge --base ft --add-difference tuned --minus base --alpha A --out out.safetensors
+    and once each:
+    ours: the same with --dtype fp8 (and its error against fp16)
+    torch: load_file all three, W + A * (T - B) per UNet tensor in fp32, save_file (whole models in RAM; skipped
+           when MemAvailable cannot hold them), and a bit-for-bit comparison of its output with ours
+
+Outputs are deleted after each run; `sync` runs before each so earlier writes do not bill the next command. The
+machine's load average is printed at the start and the end. Not a test: run by hand, figures go to the README.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import torch
+from safetensors import safe_open
+
+from lightning_tools import provenance
+from lightning_tools.checkpoint import Checkpoint, open_checkpoint, write_checkpoint
+from lightning_tools.sdxl.detect import base_config, expected_shapes
+from lightning_tools.sdxl.vocabulary import COMPONENT_NAMES
+from lightning_tools.stream import LazyTensor
+from lightning_tools.tiny import write_tiny_pipeline
+
+ALPHA = "0.9"
+TORCH_WAY = """
+import sys, torch
+from safetensors.torch import load_file, save_file
+ft, tuned, minus = (load_file(p) for p in sys.argv[1:4])
+alpha = float(sys.argv[5])
+for key, t in tuned.items():
+    ft[key] = (ft[key].float() + alpha * (t.float() - minus[key].float())).to(ft[key].dtype)
+save_file(ft, sys.argv[4])
+"""
+
+
+def _pattern(seed: int) -> torch.Tensor:
+    return (torch.rand(1 << 20, generator=torch.Generator().manual_seed(seed)) * 0.02 - 0.01).half()
+
+
+def patterned(shapes: dict[str, tuple[int, ...]], seed: int) -> dict[str, LazyTensor]:
+    """Non-zero fp16 tensors of `shapes`, cheap to make: one random block per model, repeated."""
+    block = _pattern(seed)
+
+    def make(shape):
+        n = 1
+        for s in shape:
+            n *= s
+        return block.repeat(-(-n // block.numel()))[:n].reshape(shape)
+
+    return {k: LazyTensor("F16", tuple(s), lambda s=s: make(s)) for k, s in shapes.items()}
+
+
+def architecture(work: Path, scale: str) -> tuple[dict[str, dict], dict[str, dict[str, tuple[int, ...]]]]:
+    """(configs, tensor shapes) per component: SDXL base's, or the tiny test pipeline's."""
+    if scale == "full":
+        configs = {c: base_config(c) for c in COMPONENT_NAMES}
+        return configs, {c: expected_shapes(c, configs[c]) for c in COMPONENT_NAMES}
+    tiny = open_checkpoint(write_tiny_pipeline(work / "tiny-reference"))
+    return tiny.configs, {c: {k: t.shape for k, t in tensors.items()} for c, tensors in tiny.components.items()}
+
+
+def build(work: Path, scale: str) -> tuple[Path, Path, Path]:
+    """The fine-tune, the tuned UNet and the base it was tuned from (see the module docstring)."""
+    cfg, shapes = architecture(work, scale)
+    paths = (work / "ft.safetensors", work / "sdxl_lightning_4step_unet.safetensors", work / "sdxl_base.safetensors")
+    for seed, (path, to) in enumerate(zip(paths, ("comfyui", "comfyui-unet", "comfyui"))):
+        components = {c: patterned(s, seed) for c, s in shapes.items() if to == "comfyui" or c == "unet"}
+        ckpt = Checkpoint(path, "diffusers", components, cfg, {}, [])
+        write_checkpoint(ckpt, path, to, metadata=provenance.modelspec(path.stem))
+    return paths
+
+
+def timed(name: str, command: list[str]) -> dict:
+    """Run `command` under /usr/bin/time -v: wall seconds and peak RSS."""
+    subprocess.run(["sync"], check=True)
+    start = time.perf_counter()
+    proc = subprocess.run(["/usr/bin/time", "-v", *command], capture_output=True, text=True)
+    wall = time.perf_counter() - start
+    if proc.returncode != 0:
+        sys.exit(f"{name} failed ({proc.returncode}):\n{proc.stdout[-2000:]}\n{proc.stderr[-4000:]}")
+    rss_kb = next(int(line.split(":")[1]) for line in proc.stderr.splitlines() if "Maximum resident set size" in line)
+    row = {"name": name, "wall_s": round(wall, 2), "peak_rss_mb": round(rss_kb / 1024), "stdout": proc.stdout}
+    print(f"{name:<44} {row['wall_s']:>8.2f} s {row['peak_rss_mb']:>7} MB", flush=True)
+    return row
+
+
+def mem_available() -> int:
+    for line in Path("/proc/meminfo").read_text().splitlines():
+        if line.startswith("MemAvailable:"):
+            return int(line.split()[1]) * 1024
+    return 0
+
+
+def same_tensors(a: Path, b: Path) -> tuple[int, int]:
+    """(tensors compared, tensors that differ) between two files, bit for bit."""
+    differ = 0
+    with safe_open(str(a), "pt") as fa, safe_open(str(b), "pt") as fb:
+        keys = list(fa.keys())
+        assert set(keys) == set(fb.keys()), "different keys"
+        for key in keys:
+            differ += not torch.equal(fa.get_tensor(key), fb.get_tensor(key))
+    return len(keys), differ
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--dir", type=Path, default=Path("/tmp/bench-methods"))
+    parser.add_argument("--scale", choices=("full", "tiny"), default="full",
+                        help="full: SDXL-size inputs (~19 GB); tiny: a tiny UNet, to check the bench")
+    parser.add_argument("--repeat", type=int, default=3, help="Runs of cp and of ours (medians are reported).")
+    parser.add_argument("--skip-torch", action="store_true", help="Leave out the whole-model torch way.")
+    parser.add_argument("--keep", action="store_true", help="Keep the generated inputs.")
+    args = parser.parse_args()
+    work: Path = args.dir
+    if work.exists():
+        shutil.rmtree(work)
+    work.mkdir(parents=True)
+    print("load:", subprocess.run(["uptime"], capture_output=True, text=True).stdout.strip(), flush=True)
+    tool = [sys.executable, "-m", "lightning_tools"]
+    rows: list[dict] = []
+    try:
+        start = time.perf_counter()
+        ft, tuned, minus = build(work, args.scale)
+        sizes = {p.name: p.stat().st_size for p in (ft, tuned, minus)}
+        print(f"built {', '.join(f'{n} ({s / 1e9:.2f} GB)' for n, s in sizes.items())} in "
+              f"{time.perf_counter() - start:.0f} s", flush=True)
+        out, copy = work / "ours.safetensors", work / "copy.safetensors"
+        merge = [*tool, "merge", "--base", str(ft), "--add-difference", str(tuned), "--minus", str(minus),
+                 "--alpha", ALPHA, "--json"]
+        for _ in range(args.repeat):
+            rows.append(timed("cp (a file of the output's size)", ["cp", str(minus), str(copy)]))
+            copy.unlink()
+            rows.append(timed("ours: add-difference -> single file", [*merge, "--out", str(out)]))
+            if _ + 1 < args.repeat:
+                out.unlink()
+        eight = work / "ours-fp8.safetensors"
+        row = timed("ours: add-difference -> fp8 single file", [*merge, "--dtype", "fp8", "--out", str(eight)])
+        fp8 = json.loads(row["stdout"])["written"]["fp8"]
+        rows.append(row)
+        output_bytes, fp8_bytes = out.stat().st_size, eight.stat().st_size
+        eight.unlink()
+        needed = sum(sizes.values()) + (1 << 30)
+        if args.skip_torch:
+            theirs = None
+        elif mem_available() < needed:
+            print(f"torch way skipped: it holds the three models in RAM ({needed / 1e9:.1f} GB with headroom), "
+                  f"{mem_available() / 1e9:.1f} GB available", flush=True)
+            theirs = None
+        else:
+            theirs = work / "theirs.safetensors"
+            rows.append(timed("torch: three state dicts in RAM, save_file",
+                              [sys.executable, "-c", TORCH_WAY, str(ft), str(tuned), str(minus), str(theirs), ALPHA]))
+            compared, differ = same_tensors(out, theirs)
+            print(f"ours vs torch: {compared} tensors compared, {differ} differ", flush=True)
+            theirs.unlink()
+    finally:
+        if not args.keep:
+            shutil.rmtree(work, ignore_errors=True)
+    print("load:", subprocess.run(["uptime"], capture_output=True, text=True).stdout.strip(), flush=True)
+    by: dict[str, list[dict]] = {}
+    for r in rows:
+        r.pop("stdout", None)
+        by.setdefault(r["name"], []).append(r)
+    median = {name: statistics.median(r["wall_s"] for r in rs) for name, rs in by.items()}
+    cp, ours = median["cp (a file of the output's size)"], median["ours: add-difference -> single file"]
+    peak = max(r["peak_rss_mb"] for r in by["ours: add-difference -> single file"])
+    print(f"inputs {sum(sizes.values()) / 1e9:.2f} GB, output {output_bytes / 1e9:.2f} GB, fp8 output "
+          f"{fp8_bytes / 1e9:.2f} GB")
+    print(f"ours: {ours:.1f} s median = {ours / cp:.2f}x cp ({cp:.1f} s), peak RSS {peak} MB")
+    if "torch: three state dicts in RAM, save_file" in by:
+        torch_row = by["torch: three state dicts in RAM, save_file"][0]
+        print(f"torch way: {torch_row['wall_s']:.1f} s ({torch_row['wall_s'] / ours:.2f}x ours), peak RSS "
+              f"{torch_row['peak_rss_mb']} MB")
+    print(f"fp8: {median['ours: add-difference -> fp8 single file']:.1f} s; UNet against fp16: max abs error "
+          f"{fp8['max_abs_error']:.3g}, mean {fp8['mean_abs_error']:.3g} (mean |w| {fp8['mean_abs_value']:.3g}), "
+          f"{fp8['saturated']} saturated")
+    print(json.dumps({"median_s": median, "rows": rows, "fp8": fp8}))
+
+
+if __name__ == "__main__":
+    main()
