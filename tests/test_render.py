@@ -279,3 +279,16 @@ def test_a_peft_lora_never_reaches_a_comfyui_workflow_as_is(cli, tiny_lora, tiny
     nodes = {n["class_type"]: n["inputs"] for n in json.loads(flow_file.read_text()).values()}
     assert nodes["LoraLoader"]["lora_name"] == "style_peft_kohya.safetensors"
     assert "kohya copy" in result.stdout
+
+
+def test_the_libraries_own_notices_stay_out_of_the_output(tiny_pipeline, tmp_path):
+    """diffusers, transformers and huggingface_hub print notices and bars of their own; without --verbose a
+    render's stderr holds nothing but ours (here: nothing at all)."""
+    import subprocess
+    import sys
+
+    result = subprocess.run([sys.executable, "-m", "lightning_tools", "render", str(tiny_pipeline), *SMALL,
+                             "--steps", "4", "--out", str(tmp_path / "quiet")], capture_output=True, text=True,
+                            timeout=300)
+    assert result.returncode == 0 and result.stderr == "", result.stderr
+    assert result.stdout.startswith("rendered 1 images")
