@@ -24,8 +24,7 @@ from lightning_tools.report import Report
 from lightning_tools.sdxl import detect
 from lightning_tools.sdxl.vocabulary import COMPONENT_NAMES
 from lightning_tools.stream import lazy_tensors, scan
-from lightning_tools.pickles import PickleFile
-from lightning_tools.tensors import SafetensorsFile, TensorSource, hash_file, hash_file_and_data, open_file, weight_files
+from lightning_tools.tensors import PickleFile, SafetensorsFile, TensorSource, hash_file, hash_file_and_data, open_file, weight_files
 
 
 @dataclass
