@@ -23,13 +23,12 @@ import time
 from pathlib import Path
 
 import pytest
-
-from lightning_tools.families import family
 import torch
 
 from lightning_tools import provenance as meta
 from lightning_tools.errors import OutputError
 from lightning_tools.extract import extract_lora
+from lightning_tools.families import family
 from lightning_tools.header import read_header
 from lightning_tools.merge import merge
 from lightning_tools.outputs import MARKER
