@@ -26,10 +26,10 @@ from pathlib import Path
 
 import torch
 
-from lightning_tools.checkpoint import COMPONENTS, WEIGHTS_NAME
 from lightning_tools.sdxl import SDXL_BASE_CONFIGS
 from lightning_tools.sdxl.detect import base_config, expected_shapes
-from lightning_tools.tensors import LazyTensor, write_tensors
+from lightning_tools.sdxl.vocabulary import COMPONENTS
+from lightning_tools.stream import LazyTensor, write_file
 from lightning_tools.tiny import write_tiny_pipeline, write_tiny_tokenizer
 
 _PATTERN = (torch.rand(1 << 20, generator=torch.Generator().manual_seed(0)) * 0.02 - 0.01).half()
@@ -50,14 +50,14 @@ def build_full_pipeline(folder: Path) -> None:
     shutil.copytree(SDXL_BASE_CONFIGS / "scheduler", folder / "scheduler")
     for name, pad in (("tokenizer", "<|endoftext|>"), ("tokenizer_2", "!")):
         write_tiny_tokenizer(folder / name, pad)  # loading needs tokenizer files; their vocabulary is irrelevant
-    for c in COMPONENTS:
+    for c, component in COMPONENTS.items():
         config = base_config(c)
         shapes = expected_shapes(c, config)
         if c == "text_encoder":  # what transformers >= 5.6 saves for CLIPTextModel
             shapes = {k.removeprefix("text_model."): s for k, s in shapes.items()}
         (folder / c).mkdir()
         tensors = {k: LazyTensor("F16", s, lambda s=s: _pattern(s)) for k, s in shapes.items()}
-        write_tensors(folder / c / WEIGHTS_NAME[c], tensors, {"format": "pt"}, desc=c)
+        write_file(folder / c / component.weights_file, tensors, metadata={"format": "pt"})
         (folder / c / "config.json").write_text(json.dumps(config, indent=2))
 
 
