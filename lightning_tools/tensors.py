@@ -14,7 +14,7 @@ import json
 import math
 import os
 import struct
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -217,16 +217,29 @@ _SCALAR_FORMAT = {"F64": "<d", "F32": "<f", "F16": "<e", "I64": "<q", "I32": "<i
                   "U64": "<Q", "U32": "<I", "U16": "<H", "U8": "<B", "BOOL": "<?"}
 
 
-def read_scalar(info: TensorInfo) -> float:
-    """A one-element tensor's value, decoded without torch (reading a LoRA's alphas stays header-cheap)."""
-    if info.numel != 1:
-        raise corrupt(info.path, f"tensor {info.name!r} should hold one number but has shape {list(info.shape)}")
-    raw = b"".join(bytes(chunk) for chunk in read_raw(info))
-    if info.dtype == "BF16":
-        return struct.unpack("<f", b"\0\0" + raw)[0]
-    if info.dtype not in _SCALAR_FORMAT:
-        raise corrupt(info.path, f"tensor {info.name!r} is {info.dtype}, not a number type for a setting")
-    return float(struct.unpack(_SCALAR_FORMAT[info.dtype], raw)[0])
+def read_scalars(infos: Iterable[TensorInfo]) -> dict[str, float]:
+    """One-element tensors' values by name (a LoRA's alphas), decoded without torch and read through one open
+    file per source, so reading a LoRA stays header-cheap."""
+    values: dict[str, float] = {}
+    handles: dict[Path, object] = {}
+    try:
+        for info in infos:
+            if info.numel != 1:
+                raise corrupt(info.path, f"tensor {info.name!r} should hold one number but has shape "
+                                          f"{list(info.shape)}")
+            if info.dtype != "BF16" and info.dtype not in _SCALAR_FORMAT:
+                raise corrupt(info.path, f"tensor {info.name!r} is {info.dtype}, not a number type for a setting")
+            f = handles.get(info.path) or handles.setdefault(info.path, open(info.path, "rb"))
+            f.seek(info.start)
+            raw = f.read(info.nbytes)
+            if len(raw) != info.nbytes:
+                raise corrupt(info.path, f"ended inside tensor {info.name!r}")
+            values[info.name] = struct.unpack("<f", b"\0\0" + raw)[0] if info.dtype == "BF16" else \
+                float(struct.unpack(_SCALAR_FORMAT[info.dtype], raw)[0])
+    finally:
+        for f in handles.values():
+            f.close()
+    return values
 
 
 def tensor_bytes(t: "torch.Tensor") -> memoryview:
