@@ -28,7 +28,7 @@ import torch
 from safetensors.torch import save_file
 
 sys.path.insert(0, str(Path(__file__).parent))
-from convert import build_full_pipeline, size_of, timed  # noqa: E402  (bench/convert.py)
+from convert import build_full_pipeline, durable_copy, size_of, timed  # noqa: E402  (bench/convert.py)
 
 from lightning_tools.tiny import make_lightning_lora, sdxl_unet_config, tiny_unet_config, write_tiny_pipeline  # noqa: E402
 
@@ -76,6 +76,7 @@ def main() -> None:
 
         n = args.runs
         rows.append(timed("cp -r pipeline", ["cp", "-r", str(pipe), str(work / "copy")], work / "copy", n))
+        rows.append(timed("cp -r pipeline + sync", durable_copy(pipe, work / "copy"), work / "copy", n))
         merge = [*tool, "merge", "--base", str(pipe), "--lora", str(lora), "--strength", strength,
                  "--device", args.device]
         rows.append(timed("ours: merge -> diffusers folder", [*merge, "--out", str(work / "ours")], work / "ours", n))
@@ -89,12 +90,12 @@ def main() -> None:
         if not args.keep:
             shutil.rmtree(work, ignore_errors=True)
     by = {r["name"]: r for r in rows}
-    cp = by["cp -r pipeline"]["wall_s"]
+    cp = by["cp -r pipeline + sync"]["wall_s"]
     theirs = by.get("diffusers: load_lora_weights + fuse_lora + save")
     for name in ("ours: merge -> diffusers folder", "ours: merge -> comfyui single file"):
         ours = by[name]["wall_s"]
         faster = f", {theirs['wall_s'] / ours:.2f}x faster than diffusers" if theirs else ""
-        print(f"{name}: {ours / cp:.2f}x cp{faster}, peak RSS {by[name]['peak_rss_mb']} MB")
+        print(f"{name}: {ours / cp:.2f}x cp + sync{faster}, peak RSS {by[name]['peak_rss_mb']} MB")
     print(json.dumps(rows))
 
 
