@@ -36,7 +36,8 @@ from convert import size_of  # noqa: E402  (bench/convert.py)
 from lightning_tools.lora import lightning_targets  # noqa: E402
 from lightning_tools.lowrank import truncated_svd  # noqa: E402
 from lightning_tools.provenance import EXTRACT  # noqa: E402
-from lightning_tools.tensors import LazyTensor, TensorSource, read_header, write_tensors  # noqa: E402
+from lightning_tools.stream import LazyTensor, write_file  # noqa: E402
+from lightning_tools.tensors import TensorSource, read_header  # noqa: E402
 from lightning_tools.tiny import sdxl_unet_config  # noqa: E402
 
 LOW_RANK = 32
@@ -88,20 +89,19 @@ def build(work: Path, config: dict) -> tuple[Path, Path]:
     base = work / "base_unet"
     base.mkdir()
     (base / "config.json").write_text(json.dumps(config | {"_class_name": "UNet2DConditionModel"}, indent=2))
-    write_tensors(base / "diffusion_pytorch_model.safetensors",
-                  {k: LazyTensor("F16", s, lambda k=k, s=s: base_weight(k, s)) for k, s in shapes.items()},
-                  desc="base")
+    write_file(base / "diffusion_pytorch_model.safetensors",
+               {k: LazyTensor("F16", s, lambda k=k, s=s: base_weight(k, s)) for k, s in shapes.items()})
     tuned = work / "bench_lightning_4step_unet.safetensors"
-    write_tensors(tuned, {k: LazyTensor("F16", s, lambda k=k, s=s: (base_weight(k, s).float()
-                                                                  + delta(k, s, k in targets)).half())
-                          for k, s in shapes.items()}, desc="tuned")
+    write_file(tuned, {k: LazyTensor("F16", s, lambda k=k, s=s: (base_weight(k, s).float()
+                                                               + delta(k, s, k in targets)).half())
+                       for k, s in shapes.items()})
     return base, tuned
 
 
 def compare_svd(base: Path, tuned: Path, config: dict, rank: int) -> list[dict]:
     """On one module of each distinct shape: seconds and relative error at `rank` of what extract uses
     (`truncated_svd`), of randomized SVD with 4 power iterations, and of exact SVD (the optimum)."""
-    import lightning_tools.extract as extract
+    import lightning_tools.lowrank as lowrank
 
     base_src, tuned_src = TensorSource.open(base), TensorSource.open(tuned)
     seen, rows = set(), []
@@ -113,12 +113,12 @@ def compare_svd(base: Path, tuned: Path, config: dict, rank: int) -> list[dict]:
         seen.add(shape)
         d = (tuned_src.load(key).float() - base_src.load(key).float()).reshape(shape[0], -1)
         row = {"module": module, "matrix": list(d.shape)}
-        for name, iterations in (("ours", extract.POWER_ITERATIONS), ("niter4", 4)):
-            extract.POWER_ITERATIONS, saved = iterations, extract.POWER_ITERATIONS
+        for name, iterations in (("ours", lowrank.POWER_ITERATIONS), ("niter4", 4)):
+            lowrank.POWER_ITERATIONS, saved = iterations, lowrank.POWER_ITERATIONS
             start = time.perf_counter()
             u, s, vh, method = truncated_svd(d, rank)
             row[name + "_s"] = round(time.perf_counter() - start, 3)
-            extract.POWER_ITERATIONS = saved
+            lowrank.POWER_ITERATIONS = saved
             row[name + "_error"] = round(float((d - (u * s) @ vh).norm() / d.norm()), 5)
             row[name + "_method"] = method
         start = time.perf_counter()

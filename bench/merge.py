@@ -28,7 +28,7 @@ import torch
 from safetensors.torch import save_file
 
 sys.path.insert(0, str(Path(__file__).parent))
-from convert import build_full_pipeline, size_of, timed  # noqa: E402  (bench/convert.py)
+from convert import build_full_pipeline, durable_copy, size_of, timed  # noqa: E402  (bench/convert.py)
 
 from lightning_tools.tiny import make_lightning_lora, sdxl_unet_config, tiny_unet_config, write_tiny_pipeline  # noqa: E402
 
@@ -52,6 +52,7 @@ def main() -> None:
     parser.add_argument("--device", choices=("cpu", "cuda"), default="cpu", help="--device for our merge")
     parser.add_argument("--skip-diffusers", action="store_true", help="Time only cp and ours.")
     parser.add_argument("--keep", action="store_true", help="Keep the generated pipeline and LoRA.")
+    parser.add_argument("--runs", type=int, default=3, help="runs of each row; the median is reported")
     args = parser.parse_args()
     work: Path = args.dir
     if work.exists():
@@ -73,29 +74,28 @@ def main() -> None:
         print(f"built {pipe} ({size_of(pipe) / 1e9:.2f} GB) and {lora.name} ({size_of(lora):,} bytes) in "
               f"{time.perf_counter() - start:.0f} s", flush=True)
 
-        rows.append(timed("cp -r pipeline", ["cp", "-r", str(pipe), str(work / "pipeline-copy")]))
-        shutil.rmtree(work / "pipeline-copy")
+        n = args.runs
+        rows.append(timed("cp -r pipeline", ["cp", "-r", str(pipe), str(work / "copy")], work / "copy", n))
+        rows.append(timed("cp -r pipeline + sync", durable_copy(pipe, work / "copy"), work / "copy", n))
         merge = [*tool, "merge", "--base", str(pipe), "--lora", str(lora), "--strength", strength,
                  "--device", args.device]
-        rows.append(timed("ours: merge -> diffusers folder", [*merge, "--out", str(work / "ours")]))
-        shutil.rmtree(work / "ours")
-        rows.append(timed("ours: merge -> comfyui single file", [*merge, "--out", str(work / "ours.safetensors")]))
-        (work / "ours.safetensors").unlink()
+        rows.append(timed("ours: merge -> diffusers folder", [*merge, "--out", str(work / "ours")], work / "ours", n))
+        rows.append(timed("ours: merge -> comfyui single file", [*merge, "--out", str(work / "ours.safetensors")],
+                          work / "ours.safetensors", n))
         if not args.skip_diffusers:
             rows.append(timed("diffusers: load_lora_weights + fuse_lora + save",
                               [sys.executable, "-c", DIFFUSERS_MERGE, str(pipe), str(lora), str(work / "theirs"),
-                               strength]))
-            shutil.rmtree(work / "theirs")
+                               strength], work / "theirs", max(1, n // 2)))
     finally:
         if not args.keep:
             shutil.rmtree(work, ignore_errors=True)
     by = {r["name"]: r for r in rows}
-    cp = by["cp -r pipeline"]["wall_s"]
+    cp = by["cp -r pipeline + sync"]["wall_s"]
     theirs = by.get("diffusers: load_lora_weights + fuse_lora + save")
     for name in ("ours: merge -> diffusers folder", "ours: merge -> comfyui single file"):
         ours = by[name]["wall_s"]
         faster = f", {theirs['wall_s'] / ours:.2f}x faster than diffusers" if theirs else ""
-        print(f"{name}: {ours / cp:.2f}x cp{faster}, peak RSS {by[name]['peak_rss_mb']} MB")
+        print(f"{name}: {ours / cp:.2f}x cp + sync{faster}, peak RSS {by[name]['peak_rss_mb']} MB")
     print(json.dumps(rows))
 
 

@@ -26,12 +26,12 @@ from pathlib import Path
 
 import torch
 
-from lightning_tools import catalog
 from lightning_tools.device import parse_device
 from lightning_tools.render.checks import image_difference, to_pixels
 from lightning_tools.render.pipeline import Accelerations, load_pipeline, prepare, render_batch
 from lightning_tools.render.plan import plan
 from lightning_tools.render.run import TORCH_DTYPES
+from lightning_tools.sampling import lightning
 from lightning_tools.sdxl import SDXL_BASE_CONFIGS
 
 PROMPT = "A girl smiling"  # the model card's
@@ -102,7 +102,7 @@ def bench(pipe, device: torch.device, dtype: torch.dtype, steps: int, size: tupl
     from diffusers.models.attention_processor import AttnProcessor, AttnProcessor2_0
 
     height, width = size
-    settings = catalog.recommended_settings(steps)
+    settings = lightning(steps)
     results: dict[str, dict] = {}
     pipe.to(device)
     pipe.set_progress_bar_config(disable=True)

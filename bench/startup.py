@@ -11,7 +11,6 @@ paid before the header-only commands stopped importing them.
 from __future__ import annotations
 
 import argparse
-import os
 import statistics
 import subprocess
 import sys
@@ -25,16 +24,17 @@ from lightning_tools.tiny import write_tiny_lightning_lora  # noqa: E402
 
 
 def measure(argv: list[str], runs: int) -> tuple[float, float]:
-    """(median seconds, median peak RSS in MB) of `argv` run `runs` times."""
+    """(median seconds, median peak RSS in MB) of `argv` run `runs` times (RSS from /usr/bin/time, which counts
+    the program alone, not this script's memory a forked child starts with)."""
     seconds, rss = [], []
     for _ in range(runs):
         start = time.perf_counter()
-        proc = subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-        _, status, usage = os.wait4(proc.pid, 0)
+        proc = subprocess.run(["/usr/bin/time", "-f", "%M", *argv], stdout=subprocess.DEVNULL,
+                              stderr=subprocess.PIPE, text=True)
         seconds.append(time.perf_counter() - start)
-        rss.append(usage.ru_maxrss / 1024)
-        if status != 0:
-            raise SystemExit(f"{' '.join(argv)} exited {status}")
+        if proc.returncode != 0:
+            raise SystemExit(f"{' '.join(argv)} exited {proc.returncode}: {proc.stderr[-500:]}")
+        rss.append(int(proc.stderr.strip().splitlines()[-1]) / 1024)
     return statistics.median(seconds), statistics.median(rss)
 
 
@@ -44,7 +44,7 @@ def main() -> None:
     args = parser.parse_args()
     python = sys.executable
     with tempfile.TemporaryDirectory(prefix="bench-startup-") as tmp:
-        lora = write_tiny_lightning_lora(Path(tmp) / "sdxl_lightning_4step_lora.safetensors")
+        lora = write_tiny_lightning_lora(Path(tmp) / "my_style_4step_lora.safetensors")
         rows = [
             ("python -c pass", [python, "-c", "pass"]),
             ("import torch + diffusers + transformers", [python, "-c", "import torch, diffusers, transformers"]),

@@ -59,7 +59,7 @@ def main() -> None:
             "tensors.hash_file": lambda: hash_file(path),
             "sha256sum (coreutils)": lambda: subprocess.run(["sha256sum", str(path)], check=True,
                                                              capture_output=True, text=True).stdout.split()[0],
-            "fetch: hash while copying": lambda: _copy_hashing(path, copy),
+            "fetch: hash while copying": lambda: _copy_hashing(path, copy, "copy"),
         }
         digests = set()
         for name, fn in hashers.items():

@@ -130,7 +130,7 @@ dtype_option = click.option("--dtype", type=click.Choice(["fp16", "bf16", "fp32"
 @click.option("--verbose", is_flag=True, help="Let diffusers, transformers and huggingface_hub print their own "
               "notices, warnings and retries.")
 def main(debug: bool, verbose: bool) -> None:
-    """Fetch, verify, merge, convert, render and publish SDXL-Lightning checkpoints."""
+    """Fetch, verify, merge, convert, render and publish few-step SDXL checkpoints (SDXL-Lightning and kin)."""
 
 
 # --- catalog / fetch --------------------------------------------------------------------------------------------

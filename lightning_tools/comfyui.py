@@ -15,7 +15,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from lightning_tools import loaders
 from lightning_tools.errors import UserError
+from lightning_tools.lora import read_lora
 from lightning_tools.render.plan import Model, Plan
 from lightning_tools.report import Report
 from lightning_tools.sampling import Sampling
@@ -37,8 +39,22 @@ def file_names(model: Model) -> tuple[dict[str, str], list[str]]:
     notes += base_notes
     role = "unet" if model.kind == "unet" else "lora"
     folder = "models/unet (or models/diffusion_models)" if role == "unet" else "models/loras"
-    notes.append(f"put {model.path.name} in ComfyUI's {folder} and {base['checkpoint']} in models/checkpoints")
-    return {"checkpoint": base["checkpoint"], role: model.path.name}, notes
+    name = model.path.name if role == "unet" else _lora_for_comfyui(model.path, notes)
+    notes.append(f"put {name} in ComfyUI's {folder} and {base['checkpoint']} in models/checkpoints")
+    return {"checkpoint": base["checkpoint"], role: name}, notes
+
+
+def _lora_for_comfyui(path: Path, notes: list[str]) -> str:
+    """The LoRA file ComfyUI's LoraLoader applies completely, at alpha/rank: this one, or the kohya copy that
+    `convert --to kohya` writes beside it (a peft file loses its attention modules and alphas there); without
+    such a copy, one line with the command that makes it."""
+    advice = loaders.comfyui_ready(read_lora(path))
+    if advice is None:
+        return path.name
+    if advice.copy is not None and advice.copy.is_file() and loaders.comfyui_ready(read_lora(advice.copy)) is None:
+        notes.append(f"{path.name} is for diffusers/peft: the workflow uses its kohya copy {advice.copy.name}")
+        return advice.copy.name
+    raise UserError(str(advice))
 
 
 def workflow(model: Model, settings: Sampling, prompt: str, seed: int = 0, width: int = 1024,

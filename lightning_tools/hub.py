@@ -441,4 +441,12 @@ class FetchReport(Report):
             "the official file" if f.pinned else
             f"what the official {f.repo_id}@{f.revision[:12]} lists; this hash is not pinned in the catalogue, so "
             "the hub's listing is all it was checked against" if f.official else
-            f"{f.repo_id}'s listed hash") for f in self.files]
+            f"{f.repo_id}'s listed hash" + _not_the_release(f.filename, f.sha256)) for f in self.files]
+
+
+def _not_the_release(filename: str, sha256: str) -> str:
+    """A note for a mirror's file that bears a published name but other bytes (a re-save, a conversion)."""
+    entry = fams.by_filename(filename)
+    if entry is None or entry.sha256 is None or entry.sha256 == sha256:
+        return ""
+    return f"; these bytes are not the official release of that name ({fams.family(entry.family).title})"

@@ -164,7 +164,7 @@ def _lora_report(path: Path, found: detect.Detection) -> InspectReport:
     if other not in ("sdxl-base", "unknown"):
         raise UserError(f"a LoRA for {detect.ARCHITECTURES[other]}, not SDXL (judged by its module names and "
                         "shapes); this tool handles SDXL LoRAs", path=path)
-    lora_file = lora.read_lora(path)
+    lora_file = lora.read_lora(path, source=found.source)
     modules = lora_file.modules
     unknown = lora_modules_not_in_sdxl(lora_file)
     if not modules:

@@ -271,9 +271,8 @@ def _sdxl() -> tuple[dict[str, frozenset[str]], Callable[[str], str | None]]:
 
 
 def _as_loaders_see_it(lora: LoraFile) -> _File:
-    from lightning_tools.tensors import SafetensorsFile
 
-    keys = frozenset(SafetensorsFile(lora.path))
+    keys = lora.keys
     sdxl, _ = _sdxl()
     modules = []
     for m in lora.modules:

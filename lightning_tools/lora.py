@@ -33,7 +33,7 @@ from lightning_tools.sdxl.detect import base_config, expected_shapes
 from lightning_tools.sdxl.keys import hf_clip_key, reshaped, unet_names
 from lightning_tools.sdxl.vocabulary import LORA_COMPONENTS
 from lightning_tools.stream import LazyTensor, constant, write_file
-from lightning_tools.tensors import SafetensorsFile, read_scalar
+from lightning_tools.tensors import SafetensorsFile, read_scalars
 
 if TYPE_CHECKING:
     import torch
@@ -312,13 +312,14 @@ class LoraModule:
 @dataclass(frozen=True)
 class LoraFile:
     """A LoRA file in normal form. `unresolved` holds the file's module names that name no module of the
-    architecture they were resolved against (an SD1.5 LoRA read for SDXL, say)."""
+    architecture they were resolved against (an SD1.5 LoRA read for SDXL, say); `keys` every key of the file."""
 
     path: Path
     format: str
     modules: list[LoraModule]
     metadata: dict[str, str]
     unresolved: list[str] = field(default_factory=list)
+    keys: frozenset[str] = frozenset()
 
 
 # kohya key suffix -> (factor class, field); the extras belong to any variant.
@@ -403,14 +404,15 @@ class _KohyaNames:
 # --- reading ----------------------------------------------------------------------------------------------
 
 def read_lora(path: Path | str, targets: Mapping[str, Collection[str]] | None = None,
-              unet_config: Mapping | None = None) -> LoraFile:
+              unet_config: Mapping | None = None, *, source: Mapping | None = None) -> LoraFile:
     """Read a LoRA file lazily (tensor data is loaded only when a delta is computed; alphas are read now).
 
     `targets`: module names per component to resolve kohya names against (normal form, see `modules_of_keys`),
-    with `unet_config` for single-file names; both default to the SDXL base architecture.
+    with `unet_config` for single-file names; both default to the SDXL base architecture. `source`: the file
+    already opened (by `detect`), so its header is not read twice.
     """
     path = Path(path)
-    source = SafetensorsFile(path)
+    source = SafetensorsFile(path) if source is None else source
     fmt = detect_lora_format(source)
     if fmt is None:
         what = "a full checkpoint (use it as --base)" if any(k.endswith(".weight") for k in source) and \
@@ -424,7 +426,7 @@ def read_lora(path: Path | str, targets: Mapping[str, Collection[str]] | None = 
         if targets is None:
             targets, unet_config = sdxl_module_names()
         modules, unresolved = _read_kohya(path, source, _KohyaNames(targets, unet_config))
-    return LoraFile(path, fmt, modules, dict(source.metadata), unresolved)
+    return LoraFile(path, fmt, modules, dict(source.metadata), unresolved, frozenset(source))
 
 
 def _refuse_unsupported(path: Path, source: SafetensorsFile) -> None:
@@ -503,12 +505,14 @@ def _bias(path: Path, name: str, bias: LazyTensor, delta_shape: tuple[int, ...])
     return bias
 
 
-def _alpha(source: SafetensorsFile, parts: Mapping[str, str]) -> float | None:
-    return read_scalar(source[parts["alpha"]]) if "alpha" in parts else None
+def _alphas(source: Mapping) -> dict[str, float]:
+    """Every `.alpha` of the file by key, read in one pass."""
+    return read_scalars(source[key] for key in source if key.endswith(".alpha"))
 
 
 def _read_kohya(path: Path, source: SafetensorsFile, names: _KohyaNames) -> tuple[list[LoraModule], list[str]]:
     modules, unresolved = [], []
+    alphas = _alphas(source)
     for stem, parts in _group(path, source, _split_kohya).items():
         resolved = names.resolve(stem)
         if resolved is None:
@@ -528,12 +532,13 @@ def _read_kohya(path: Path, source: SafetensorsFile, names: _KohyaNames) -> tupl
             raise UserError(f"module {stem} has a diff_b bias without a full diff weight; the file is damaged",
                             path=path)
         bias = _bias(path, stem, LazyTensor.of(source, parts["diff_b"]), shape) if "diff_b" in parts else None
-        modules.append(LoraModule(*resolved, factors, _alpha(source, parts), stem, dora, bias))
+        modules.append(LoraModule(*resolved, factors, alphas.get(parts.get("alpha", "")), stem, dora, bias))
     return modules, unresolved
 
 
 def _read_peft(path: Path, source: SafetensorsFile) -> list[LoraModule]:
     settings = _peft_settings(path, source.metadata)
+    alphas = _alphas(source)
     modules = []
     for name, parts in _group(path, source, _split_peft).items():
         component, module = name.split(".", 1)
@@ -542,7 +547,7 @@ def _read_peft(path: Path, source: SafetensorsFile) -> list[LoraModule]:
         tensors = {p: LazyTensor.of(source, parts[p]) for p in ("down", "up") if p in parts}
         factors = _factors(path, name, LowRank, tensors)
         shape = factors.shape()
-        alpha = _alpha(source, parts) if "alpha" in parts else \
+        alpha = alphas[parts["alpha"]] if "alpha" in parts else \
             _peft_alpha(settings, component, module, factors.rank)
         dora = _dora(path, name, LazyTensor.of(source, parts["dora"]), shape, peft=True) if "dora" in parts else None
         bias = _bias(path, name, LazyTensor.of(source, parts["bias"]), shape) if "bias" in parts else None

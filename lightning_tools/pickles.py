@@ -9,8 +9,6 @@ an unsafe pickle, never a traceback. Files in torch's zip format are memory-mapp
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Mapping
-from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Literal
 
@@ -63,44 +61,9 @@ def not_weights(path: Path, kind: Kind) -> CorruptFile:
                        "PyTorch checkpoint)", path=path)
 
 
-@dataclass(frozen=True)
-class PickleTensor:
-    """One tensor of a pickle: known by dtype and shape; its bytes have no fixed place to copy from."""
-
-    name: str
-    dtype: str
-    shape: tuple[int, ...]
-    path: None = None
-
-    @property
-    def is_float(self) -> bool:
-        return self.dtype in dtypes.FLOAT_CODES
-
-
-class PickleFile(Mapping[str, PickleTensor]):
-    """The tensors of a PyTorch checkpoint, a mapping like `tensors.SafetensorsFile`. A Lightning-era `.ckpt`
-    keeps them under "state_dict" (or "model"/"module"); those wrappers are looked through."""
-
-    def __init__(self, path: Path | str):
-        self.path = Path(path)
-        self.metadata: dict[str, str] = {}
-        self._tensors = _load(self.path)
-        self.tensors = {k: PickleTensor(k, dtypes.code_of(t.dtype), tuple(t.shape)) for k, t in self._tensors.items()}
-
-    def __getitem__(self, key: str) -> PickleTensor:
-        return self.tensors[key]
-
-    def __iter__(self) -> Iterator[str]:
-        return iter(self.tensors)
-
-    def __len__(self) -> int:
-        return len(self.tensors)
-
-    def load(self, key: str) -> "torch.Tensor":
-        return self._tensors[key]
-
-
-def _load(path: Path) -> dict[str, "torch.Tensor"]:
+def load_tensors(path: Path) -> dict[str, "torch.Tensor"]:
+    """The tensors of a PyTorch checkpoint, looking through the "state_dict" (or "model"/"module") wrapper of
+    older `.ckpt` files; refused in one line when unsafe, damaged or holding no tensors."""
     import pickle
 
     import torch

@@ -14,7 +14,7 @@ import json
 import math
 import os
 import struct
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -23,7 +23,7 @@ from typing import TYPE_CHECKING
 from lightning_tools import dtypes, outputs
 from lightning_tools.errors import UserError
 from lightning_tools.header import TensorInfo, corrupt, parse_header, read_header
-from lightning_tools.pickles import PickleFile, not_weights, sniff
+from lightning_tools.pickles import load_tensors, not_weights, sniff
 from lightning_tools.progress import bar
 
 if TYPE_CHECKING:
@@ -32,14 +32,14 @@ if TYPE_CHECKING:
 _CHUNK = 16 * 1024 * 1024
 
 
-class SafetensorsFile(Mapping[str, TensorInfo]):
-    """A lazy, validated view of one .safetensors file; a Mapping from key to TensorInfo."""
+class _WeightsFile(Mapping):
+    """One weights file as a mapping from key to what its header (or its loaded pickle) says of the tensor."""
 
-    def __init__(self, path: Path | str):
-        self.path = Path(path)
-        self.tensors, self.metadata, self.data_start = read_header(self.path)
+    path: Path
+    tensors: dict
+    metadata: dict[str, str]
 
-    def __getitem__(self, key: str) -> TensorInfo:
+    def __getitem__(self, key: str):
         return self.tensors[key]
 
     def __iter__(self) -> Iterator[str]:
@@ -48,13 +48,48 @@ class SafetensorsFile(Mapping[str, TensorInfo]):
     def __len__(self) -> int:
         return len(self.tensors)
 
+
+class SafetensorsFile(_WeightsFile):
+    """A lazy, validated view of one .safetensors file; key -> TensorInfo."""
+
+    def __init__(self, path: Path | str):
+        self.path = Path(path)
+        self.tensors, self.metadata, self.data_start = read_header(self.path)
+
     def load(self, key: str) -> "torch.Tensor":
         return read_tensor(self.tensors[key])
 
 
+@dataclass(frozen=True)
+class PickleTensor:
+    """One tensor of a pickle: known by dtype and shape; its bytes have no fixed place to copy from."""
+
+    name: str
+    dtype: str
+    shape: tuple[int, ...]
+
+    @property
+    def is_float(self) -> bool:
+        return self.dtype in dtypes.FLOAT_CODES
+
+
+class PickleFile(_WeightsFile):
+    """The tensors of a PyTorch checkpoint (read safely, see `pickles`); key -> PickleTensor. Files in torch's zip
+    format are memory-mapped, so only what the stream reads is in memory."""
+
+    def __init__(self, path: Path | str):
+        self.path = Path(path)
+        self.metadata = {}
+        self._loaded = load_tensors(self.path)
+        self.tensors = {k: PickleTensor(k, dtypes.code_of(t.dtype), tuple(t.shape)) for k, t in self._loaded.items()}
+
+    def load(self, key: str) -> "torch.Tensor":
+        return self._loaded[key]
+
+
 class TensorSource(Mapping[str, TensorInfo]):
     """Several weight files seen as one collection (a sharded component, or a single file). Safetensors files
-    are read lazily; PyTorch pickles (`pickles.PickleFile`) fit the same mapping."""
+    are read lazily; PyTorch pickles (`PickleFile`) fit the same mapping."""
 
     def __init__(self, files: Sequence[SafetensorsFile | PickleFile]):
         self.files = list(files)
@@ -182,16 +217,29 @@ _SCALAR_FORMAT = {"F64": "<d", "F32": "<f", "F16": "<e", "I64": "<q", "I32": "<i
                   "U64": "<Q", "U32": "<I", "U16": "<H", "U8": "<B", "BOOL": "<?"}
 
 
-def read_scalar(info: TensorInfo) -> float:
-    """A one-element tensor's value, decoded without torch (reading a LoRA's alphas stays header-cheap)."""
-    if info.numel != 1:
-        raise corrupt(info.path, f"tensor {info.name!r} should hold one number but has shape {list(info.shape)}")
-    raw = b"".join(bytes(chunk) for chunk in read_raw(info))
-    if info.dtype == "BF16":
-        return struct.unpack("<f", b"\0\0" + raw)[0]
-    if info.dtype not in _SCALAR_FORMAT:
-        raise corrupt(info.path, f"tensor {info.name!r} is {info.dtype}, not a number type for a setting")
-    return float(struct.unpack(_SCALAR_FORMAT[info.dtype], raw)[0])
+def read_scalars(infos: Iterable[TensorInfo]) -> dict[str, float]:
+    """One-element tensors' values by name (a LoRA's alphas), decoded without torch and read through one open
+    file per source, so reading a LoRA stays header-cheap."""
+    values: dict[str, float] = {}
+    handles: dict[Path, object] = {}
+    try:
+        for info in infos:
+            if info.numel != 1:
+                raise corrupt(info.path, f"tensor {info.name!r} should hold one number but has shape "
+                                          f"{list(info.shape)}")
+            if info.dtype != "BF16" and info.dtype not in _SCALAR_FORMAT:
+                raise corrupt(info.path, f"tensor {info.name!r} is {info.dtype}, not a number type for a setting")
+            f = handles.get(info.path) or handles.setdefault(info.path, open(info.path, "rb"))
+            f.seek(info.start)
+            raw = f.read(info.nbytes)
+            if len(raw) != info.nbytes:
+                raise corrupt(info.path, f"ended inside tensor {info.name!r}")
+            values[info.name] = struct.unpack("<f", b"\0\0" + raw)[0] if info.dtype == "BF16" else \
+                float(struct.unpack(_SCALAR_FORMAT[info.dtype], raw)[0])
+    finally:
+        for f in handles.values():
+            f.close()
+    return values
 
 
 def tensor_bytes(t: "torch.Tensor") -> memoryview:

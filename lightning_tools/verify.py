@@ -24,8 +24,7 @@ from lightning_tools.report import Report
 from lightning_tools.sdxl import detect
 from lightning_tools.sdxl.vocabulary import COMPONENT_NAMES
 from lightning_tools.stream import lazy_tensors, scan
-from lightning_tools.pickles import PickleFile
-from lightning_tools.tensors import SafetensorsFile, TensorSource, hash_file, hash_file_and_data, open_file, weight_files
+from lightning_tools.tensors import PickleFile, SafetensorsFile, TensorSource, hash_file, hash_file_and_data, open_file, weight_files
 
 
 @dataclass
@@ -167,7 +166,11 @@ def _check_identity(f: SafetensorsFile | PickleFile, report: FileReport) -> None
     # A file we wrote (say the all-in-one built from the UNet release) may carry a published name; its own
     # metadata says what it is, so its name is not a claim to be the published download.
     ours = prov.TOOL in f.metadata
-    entry = fams.by_filename(f.path.name) if not ours else None
+    recorded = hub.manifest_entry(f.path)
+    named = fams.by_filename(f.path.name) if not ours else None
+    # A fetch manifest (or the hub cache) beside the file is the more specific record: it says which repo's bytes
+    # these are, so a mirror's copy under a published name is checked against the mirror, with a note.
+    entry = named if recorded is None else None
     if entry is not None:
         what = _catalogued(entry)
         if entry.size is not None and entry.size_confirmed and size != entry.size:
@@ -176,7 +179,6 @@ def _check_identity(f: SafetensorsFile | PickleFile, report: FileReport) -> None
             whole.append((what, entry.sha256))
         else:
             report.notes.append(f"{name}{what} has no pinned sha256 (fetch checks the hub's)")
-    recorded = hub.manifest_entry(f.path)
     if recorded is not None:
         what = f"manifest: {recorded.get('repo_id')}@{str(recorded.get('revision'))[:12]}"
         if recorded.get("size") is not None and size != recorded["size"]:
@@ -209,6 +211,9 @@ def _check_identity(f: SafetensorsFile | PickleFile, report: FileReport) -> None
         report.notes.append(f"{name}no reference hash (not in the catalogue, no fetch manifest, no modelspec hash)")
         return
     report.checks.append("sha256")
+    if named is not None and recorded is not None and named.sha256 not in (None, digest):
+        report.notes.append(f"{name}these bytes are not the official release of {f.path.name} "
+                            f"({_catalogued(named)}): they are what {recorded.get('repo_id')} holds under that name")
     for what, expected in references:
         if digest == expected.lower():
             report.identity.append({"reference": what, "sha256": digest})

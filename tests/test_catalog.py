@@ -186,13 +186,13 @@ def test_lightning_profiles_give_the_official_trailing_timesteps():
         assert scheduler.config.prediction_type == ("sample" if steps == 1 else "epsilon")
 
 
-# --- the families table in docs/families.md ----------------------------------------------------------------------
+# --- the families table in the README ---------------------------------------------------------------------------
 
-DOCS = Path(__file__).parents[1] / "docs" / "families.md"
+DOCS = Path(__file__).parents[1] / "README.md"
 
 
 def families_table() -> list[str]:
-    """One row per sampling profile, from the data: what docs/families.md (and the README) must show."""
+    """One row per sampling profile, from the data: what the README must show."""
     rows = ["| family (licence) | files | diffusers scheduler | steps / timesteps | guidance | eta | ComfyUI |",
             "|---|---|---|---|---|---|---|"]
     for fam in sorted(fams.families(), key=lambda f: f.name != "lightning"):
@@ -227,4 +227,4 @@ def families_table() -> list[str]:
 def test_docs_table_shows_every_family_as_the_data_says():
     text = DOCS.read_text()
     table = "\n".join(families_table())
-    assert table in text, f"docs/families.md is out of date; its table should read:\n{table}"
+    assert table in text, f"the README's families table is out of date; it should read:\n{table}"

@@ -28,6 +28,7 @@ import torch
 from lightning_tools import provenance as meta
 from lightning_tools.errors import OutputError
 from lightning_tools.extract import extract_lora
+from lightning_tools.families import family
 from lightning_tools.header import read_header
 from lightning_tools.merge import merge
 from lightning_tools.outputs import MARKER
@@ -312,9 +313,7 @@ def _serve(hub_server, handler_changes: dict) -> None:
 
 
 def test_hub_dropping_the_connection_is_one_quiet_line(hub_server, tmp_path):
-    from lightning_tools import catalog
-
-    lora = catalog.find(4, "lora")
+    lora = family("lightning").find(4, "lora")
     data = os.urandom(200_000)
     hub_server.add_file(MIRROR, lora.filename, data)
 
@@ -339,9 +338,7 @@ def test_hub_dropping_the_connection_is_one_quiet_line(hub_server, tmp_path):
 
 @pytest.mark.parametrize("revision", ["../..", "/ABS", "refs/../../x", "main\nx"])
 def test_fetch_revision_must_be_a_ref_name_or_a_commit(hub_server, cli, tmp_path, revision):
-    from lightning_tools import catalog
-
-    lora = catalog.find(4, "lora")
+    lora = family("lightning").find(4, "lora")
     hub_server.add_file(MIRROR, lora.filename, b"x" * 1000)
     main = hub_server.repos[MIRROR].branches["main"]
     _serve(hub_server, {"_repo_at": lambda self, repo_id, rev: (self.server_state.repos[repo_id], main)})
@@ -352,9 +349,7 @@ def test_fetch_revision_must_be_a_ref_name_or_a_commit(hub_server, cli, tmp_path
 
 
 def test_commit_id_from_the_hub_must_be_40_hex(hub_server, cli, tmp_path):
-    from lightning_tools import catalog
-
-    lora = catalog.find(4, "lora")
+    lora = family("lightning").find(4, "lora")
     data = b"x" * 1000
     hub_server.add_file(MIRROR, lora.filename, data)
     listed = {"rfilename": lora.filename, "size": len(data),

@@ -52,6 +52,23 @@ def test_mirror_fetch_verifies_and_records_manifest(hub_server, cli, tmp_path):
     assert hub_server.downloads[(MIRROR, LORA4.filename)] == 1
 
 
+def test_verify_of_a_mirror_file_checks_it_against_its_manifest(hub_server, cli, tmp_path, tiny_lora):
+    """The manifest beside the file is the more specific record: a mirror's bytes under the official name pass,
+    with a note that they are not the official release (fetch says so too); damaged bytes still fail."""
+    data = tiny_lora.read_bytes()
+    hub_server.add_file(MIRROR, LORA4.filename, data)
+    fetch = cli("fetch", "--steps", 4, "--kind", "lora", "--repo-id", MIRROR, "--dest", tmp_path, ok=True)
+    assert "not the official release of that name" in fetch.stderr
+    fetched = tmp_path / LORA4.filename
+
+    result = cli("verify", fetched, ok=True)
+    assert result.stdout.startswith("OK") and "not the official release" in result.stdout
+    assert f"manifest: {MIRROR}" in result.stdout
+
+    fetched.write_bytes(data[:-1] + bytes([data[-1] ^ 1]))
+    assert "differs from manifest" in cli("verify", fetched, ok=False).stdout
+
+
 def test_second_fetch_to_dest_downloads_nothing(hub_server, cli, tmp_path):
     hub_server.add_file(MIRROR, LORA4.filename, payload(2))
     args = ("fetch", "--steps", 4, "--kind", "lora", "--repo-id", MIRROR, "--dest", tmp_path, "--json")

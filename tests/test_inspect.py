@@ -187,3 +187,26 @@ def test_lora_says_which_loaders_apply_all_of_it(files, cli):
     assert peft["diffusers"]["complete"] and not peft["comfyui"]["complete"]
     assert peft["comfyui"]["dropped"] > 0 and peft["comfyui"]["alpha"] == "ignored"
     assert "ComfyUI LoraLoader" in cli("inspect", files["peft"], ok=True).stdout
+
+
+def test_an_sd15_lora_is_named_for_what_it_is_and_refused(tmp_path, cli):
+    """A LoRA trained on SD1.5 (peft on an SD1.5-shaped UNet, saved the way diffusers saves LoRAs, then in kohya
+    naming by diffusers' own converter) is recognised by its 768-wide cross-attention and refused in one line."""
+    from diffusers import StableDiffusionPipeline, UNet2DConditionModel
+    from diffusers.utils import convert_state_dict_to_kohya
+    from peft import LoraConfig
+    from peft.utils import get_peft_model_state_dict
+
+    unet = UNet2DConditionModel(block_out_channels=(8, 16), layers_per_block=1, norm_num_groups=8,
+                                down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
+                                up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"), cross_attention_dim=768,
+                                attention_head_dim=2, sample_size=8)
+    unet.add_adapter(LoraConfig(r=4, lora_alpha=4, target_modules=["to_k", "to_q", "to_v", "to_out.0"]))
+    StableDiffusionPipeline.save_lora_weights(tmp_path, unet_lora_layers=get_peft_model_state_dict(unet))
+    peft_file = tmp_path / "pytorch_lora_weights.safetensors"
+    kohya = tmp_path / "sd15_style.safetensors"
+    save_file(convert_state_dict_to_kohya(load_file(str(peft_file))), str(kohya))
+    for path in (peft_file, kohya):
+        result = cli("inspect", path, ok=False)
+        assert result.exit_code == 1 and result.stderr.count("\n") == 1
+        assert "a LoRA for a Stable Diffusion 1.x model, not SDXL" in result.stderr

@@ -262,3 +262,33 @@ def _assert_links_resolve(flow: dict) -> None:
         for value in node["inputs"].values():
             if isinstance(value, list):
                 assert value[0] in flow, f"{node['class_type']} links to missing node {value[0]}"
+
+
+def test_a_peft_lora_never_reaches_a_comfyui_workflow_as_is(cli, tiny_lora, tiny_pipeline, tmp_path):
+    """ComfyUI drops a peft file's attention modules and its alphas: the export refuses it with the exact command
+    that writes a kohya copy, and once that copy exists the workflow loads it instead."""
+    peft = tmp_path / "style_peft.safetensors"
+    cli("convert", tiny_lora, "--to", "peft", "--out", peft, ok=True)
+    flow_file = tmp_path / "flow.json"
+    refused = cli("render", peft, "--base", tiny_pipeline, "--steps", "4", "--comfyui-workflow", flow_file, ok=False)
+    assert refused.exit_code == 1 and not flow_file.exists() and refused.stderr.count("\n") == 1
+    command = refused.stderr.split("make a kohya copy for ComfyUI: ")[1].strip()
+    assert command.startswith("lightning-tools convert ") and "--to kohya" in command
+    cli(*command.split()[1:], ok=True)  # the command as printed, run as is
+    result = cli("render", peft, "--base", tiny_pipeline, "--steps", "4", "--comfyui-workflow", flow_file, ok=True)
+    nodes = {n["class_type"]: n["inputs"] for n in json.loads(flow_file.read_text()).values()}
+    assert nodes["LoraLoader"]["lora_name"] == "style_peft_kohya.safetensors"
+    assert "kohya copy" in result.stdout
+
+
+def test_the_libraries_own_notices_stay_out_of_the_output(tiny_pipeline, tmp_path):
+    """diffusers, transformers and huggingface_hub print notices and bars of their own; without --verbose a
+    render's stderr holds nothing but ours (here: nothing at all)."""
+    import subprocess
+    import sys
+
+    result = subprocess.run([sys.executable, "-m", "lightning_tools", "render", str(tiny_pipeline), *SMALL,
+                             "--steps", "4", "--out", str(tmp_path / "quiet")], capture_output=True, text=True,
+                            timeout=300)
+    assert result.returncode == 0 and result.stderr == "", result.stderr
+    assert result.stdout.startswith("rendered 1 images")
