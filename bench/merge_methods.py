@@ -10,17 +10,19 @@ Builds, tensor by tensor from cheap non-zero patterns (a different one per model
     sdxl_lightning_4step_unet.safetensors   the tuned UNet, ComfyUI models/unet layout, fp16 (~5.1 GB)
     sdxl_base.safetensors                   the model it was tuned from: all-in-one file, fp16 (~6.9 GB)
 
-then times, each in its own process under /usr/bin/time (wall clock and peak RSS), `--repeat` times (medians):
+then times, each in its own process under /usr/bin/time (wall clock and peak RSS), `--runs` times (medians):
 
-    cp of a file of the output's size (sdxl_base.safetensors)
+    cp, and cp + sync, of a file of the output's size (sdxl_base.safetensors): our outputs are synced to disk
+        before they are published, so cp + sync is the fair baseline (bench/convert.py's `durable_copy`)
     ours: merge --base ft --add-difference tuned --minus base --alpha A --out out.safetensors
-    and once each:
+    and once each, keeping the outputs:
+    ours: the same again, kept to compare with torch's
     ours: the same with --dtype fp8 (and its error against fp16)
     torch: load_file all three, W + A * (T - B) per UNet tensor in fp32, save_file (whole models in RAM; skipped
            when MemAvailable cannot hold them), and a bit-for-bit comparison of its output with ours
 
-Outputs are deleted after each run; `sync` runs before each so earlier writes do not bill the next command. The
-machine's load average is printed at the start and the end. Not a test: run by hand, figures go to the README.
+`sync` runs before each command so earlier writes do not bill the next one. The machine's load average is
+printed at the start and the end. Not a test: run by hand, figures go to the README.
 """
 
 from __future__ import annotations
@@ -28,7 +30,6 @@ from __future__ import annotations
 import argparse
 import json
 import shutil
-import statistics
 import subprocess
 import sys
 import time
@@ -36,6 +37,9 @@ from pathlib import Path
 
 import torch
 from safetensors import safe_open
+
+sys.path.insert(0, str(Path(__file__).parent))
+from convert import durable_copy, timed  # noqa: E402  (bench/convert.py)
 
 from lightning_tools import provenance
 from lightning_tools.checkpoint import Checkpoint, open_checkpoint, write_checkpoint
@@ -93,8 +97,9 @@ def build(work: Path, scale: str) -> tuple[Path, Path, Path]:
     return paths
 
 
-def timed(name: str, command: list[str]) -> dict:
-    """Run `command` under /usr/bin/time -v: wall seconds and peak RSS."""
+def run_once(name: str, command: list[str]) -> tuple[dict, str]:
+    """Run `command` once under /usr/bin/time -v, keeping its output (bench/convert.py's `timed` removes it):
+    (wall seconds and peak RSS, its stdout)."""
     subprocess.run(["sync"], check=True)
     start = time.perf_counter()
     proc = subprocess.run(["/usr/bin/time", "-v", *command], capture_output=True, text=True)
@@ -102,9 +107,9 @@ def timed(name: str, command: list[str]) -> dict:
     if proc.returncode != 0:
         sys.exit(f"{name} failed ({proc.returncode}):\n{proc.stdout[-2000:]}\n{proc.stderr[-4000:]}")
     rss_kb = next(int(line.split(":")[1]) for line in proc.stderr.splitlines() if "Maximum resident set size" in line)
-    row = {"name": name, "wall_s": round(wall, 2), "peak_rss_mb": round(rss_kb / 1024), "stdout": proc.stdout}
-    print(f"{name:<44} {row['wall_s']:>8.2f} s {row['peak_rss_mb']:>7} MB", flush=True)
-    return row
+    row = {"name": name, "wall_s": round(wall, 2), "runs_s": [round(wall, 1)], "peak_rss_mb": round(rss_kb / 1024)}
+    print(f"{name:<48} {row['wall_s']:>8.2f} s {row['peak_rss_mb']:>7} MB  (one run)", flush=True)
+    return row, proc.stdout
 
 
 def mem_available() -> int:
@@ -130,7 +135,7 @@ def main() -> None:
     parser.add_argument("--dir", type=Path, default=Path("/tmp/bench-methods"))
     parser.add_argument("--scale", choices=("full", "tiny"), default="full",
                         help="full: SDXL-size inputs (~19 GB); tiny: a tiny UNet, to check the bench")
-    parser.add_argument("--repeat", type=int, default=3, help="Runs of cp and of ours (medians are reported).")
+    parser.add_argument("--runs", type=int, default=3, help="Runs of cp and of ours; the median is reported.")
     parser.add_argument("--skip-torch", action="store_true", help="Leave out the whole-model torch way.")
     parser.add_argument("--keep", action="store_true", help="Keep the generated inputs.")
     args = parser.parse_args()
@@ -140,7 +145,7 @@ def main() -> None:
     work.mkdir(parents=True)
     print("load:", subprocess.run(["uptime"], capture_output=True, text=True).stdout.strip(), flush=True)
     tool = [sys.executable, "-m", "lightning_tools"]
-    rows: list[dict] = []
+    rows: dict[str, dict] = {}
     try:
         start = time.perf_counter()
         ft, tuned, minus = build(work, args.scale)
@@ -150,54 +155,51 @@ def main() -> None:
         out, copy = work / "ours.safetensors", work / "copy.safetensors"
         merge = [*tool, "merge", "--base", str(ft), "--add-difference", str(tuned), "--minus", str(minus),
                  "--alpha", ALPHA, "--json"]
-        for _ in range(args.repeat):
-            rows.append(timed("cp (a file of the output's size)", ["cp", str(minus), str(copy)]))
-            copy.unlink()
-            rows.append(timed("ours: add-difference -> single file", [*merge, "--out", str(out)]))
-            if _ + 1 < args.repeat:
-                out.unlink()
+        n = args.runs
+        for row in (timed("cp (a file of the output's size)", ["cp", str(minus), str(copy)], copy, n),
+                    timed("cp + sync", durable_copy(minus, copy), copy, n),
+                    timed("ours: add-difference -> single file", [*merge, "--out", str(out)], out, n)):
+            rows[row["name"]] = row
+        row, _ = run_once("ours: the same, kept", [*merge, "--out", str(out)])
+        rows[row["name"]] = row
+        output_bytes = out.stat().st_size
         eight = work / "ours-fp8.safetensors"
-        row = timed("ours: add-difference -> fp8 single file", [*merge, "--dtype", "fp8", "--out", str(eight)])
-        fp8 = json.loads(row["stdout"])["written"]["fp8"]
-        rows.append(row)
-        output_bytes, fp8_bytes = out.stat().st_size, eight.stat().st_size
+        row, stdout = run_once("ours: add-difference -> fp8 single file", [*merge, "--dtype", "fp8", "--out",
+                                                                           str(eight)])
+        rows[row["name"]], fp8 = row, json.loads(stdout)["written"]["fp8"]
+        fp8_bytes = eight.stat().st_size
         eight.unlink()
         needed = sum(sizes.values()) + (1 << 30)
         if args.skip_torch:
-            theirs = None
+            pass
         elif mem_available() < needed:
             print(f"torch way skipped: it holds the three models in RAM ({needed / 1e9:.1f} GB with headroom), "
                   f"{mem_available() / 1e9:.1f} GB available", flush=True)
-            theirs = None
         else:
             theirs = work / "theirs.safetensors"
-            rows.append(timed("torch: three state dicts in RAM, save_file",
-                              [sys.executable, "-c", TORCH_WAY, str(ft), str(tuned), str(minus), str(theirs), ALPHA]))
+            row, _ = run_once("torch: three state dicts in RAM, save_file",
+                              [sys.executable, "-c", TORCH_WAY, str(ft), str(tuned), str(minus), str(theirs), ALPHA])
+            rows[row["name"]] = row
             compared, differ = same_tensors(out, theirs)
             print(f"ours vs torch: {compared} tensors compared, {differ} differ", flush=True)
-            theirs.unlink()
     finally:
         if not args.keep:
             shutil.rmtree(work, ignore_errors=True)
     print("load:", subprocess.run(["uptime"], capture_output=True, text=True).stdout.strip(), flush=True)
-    by: dict[str, list[dict]] = {}
-    for r in rows:
-        r.pop("stdout", None)
-        by.setdefault(r["name"], []).append(r)
-    median = {name: statistics.median(r["wall_s"] for r in rs) for name, rs in by.items()}
-    cp, ours = median["cp (a file of the output's size)"], median["ours: add-difference -> single file"]
-    peak = max(r["peak_rss_mb"] for r in by["ours: add-difference -> single file"])
+    cp, synced = rows["cp (a file of the output's size)"]["wall_s"], rows["cp + sync"]["wall_s"]
+    ours = rows["ours: add-difference -> single file"]
     print(f"inputs {sum(sizes.values()) / 1e9:.2f} GB, output {output_bytes / 1e9:.2f} GB, fp8 output "
           f"{fp8_bytes / 1e9:.2f} GB")
-    print(f"ours: {ours:.1f} s median = {ours / cp:.2f}x cp ({cp:.1f} s), peak RSS {peak} MB")
-    if "torch: three state dicts in RAM, save_file" in by:
-        torch_row = by["torch: three state dicts in RAM, save_file"][0]
-        print(f"torch way: {torch_row['wall_s']:.1f} s ({torch_row['wall_s'] / ours:.2f}x ours), peak RSS "
+    print(f"ours: {ours['wall_s']:.1f} s median = {ours['wall_s'] / synced:.2f}x cp + sync ({synced:.1f} s), "
+          f"{ours['wall_s'] / cp:.2f}x cp ({cp:.1f} s); peak RSS {ours['peak_rss_mb']} MB")
+    torch_row = rows.get("torch: three state dicts in RAM, save_file")
+    if torch_row:
+        print(f"torch way: {torch_row['wall_s']:.1f} s ({torch_row['wall_s'] / ours['wall_s']:.2f}x ours), peak RSS "
               f"{torch_row['peak_rss_mb']} MB")
-    print(f"fp8: {median['ours: add-difference -> fp8 single file']:.1f} s; UNet against fp16: max abs error "
+    print(f"fp8: {rows['ours: add-difference -> fp8 single file']['wall_s']:.1f} s; UNet against fp16: max abs error "
           f"{fp8['max_abs_error']:.3g}, mean {fp8['mean_abs_error']:.3g} (mean |w| {fp8['mean_abs_value']:.3g}), "
           f"{fp8['saturated']} saturated")
-    print(json.dumps({"median_s": median, "rows": rows, "fp8": fp8}))
+    print(json.dumps({"rows": list(rows.values()), "fp8": fp8, "sizes": sizes}))
 
 
 if __name__ == "__main__":
