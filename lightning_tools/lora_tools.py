@@ -14,6 +14,7 @@ combine (like kohya's `svd_merge_lora.py`): per adapted weight, the sum of every
 
 from __future__ import annotations
 
+import functools
 import json
 import math
 import time
@@ -231,8 +232,8 @@ def resize_lora(src: Path | str, out: Path | str, *, rank: int, conv_rank: int |
             raise UserError(f"module {m.name} is {m.variant}; resize works on LoRA and LoCon modules only (combine "
                             "refactorises any variant: `lightning-tools lora combine` with one file)", path=src)
         modules.append(_resized(m, rank, conv_rank, dynamic, dynamic_param, code, dev, reports, factors))
-    summary = lambda: _summary(reports, rank=rank, conv_rank=conv_rank, dynamic=dynamic,  # noqa: E731
-                               dynamic_param=dynamic_param, dtype=dtype)
+    summary = functools.partial(_summary, reports, rank=rank, conv_rank=conv_rank, dynamic=dynamic,
+                                dynamic_param=dynamic_param, dtype=dtype)
     kept_metadata = {k: v for k, v in source.metadata.items() if k not in _STALE}
     fixed = meta.output_metadata(src, kept_metadata, [meta.Source.of("source", src, source.metadata)],
                                  "lora resize", lora=True)
@@ -335,9 +336,9 @@ def combine_loras(paths: Sequence[Path | str], out: Path | str, *, strengths: Se
     if not modules:
         raise UserError("every strength comes out 0: nothing to combine")
 
-    summary = lambda: _summary(reports, rank=rank, conv_rank=conv_rank, dynamic=None,  # noqa: E731
-                               dynamic_param=None, dtype=dtype, clamp_quantile=clamp_quantile,
-                               strengths=strengths, blocks=weights.to_json() if weights else None)
+    summary = functools.partial(_summary, reports, rank=rank, conv_rank=conv_rank, dynamic=None,
+                                dynamic_param=None, dtype=dtype, clamp_quantile=clamp_quantile,
+                                strengths=strengths, blocks=weights.to_json() if weights else None)
     fixed = meta.modelspec(out.name.removesuffix(".safetensors"), lora=True) | \
         meta.lightning_provenance("lora combine", sources, found[0].sampling if found else None)
     sha = _write(modules, out, format, fixed, reports, summary, overwrite, dev)
