@@ -7,7 +7,6 @@ time, so peak memory is a few tensors, never the model.
 
 from __future__ import annotations
 
-import contextlib
 import errno
 import hashlib
 import json
