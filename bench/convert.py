@@ -69,7 +69,7 @@ def size_of(path: Path) -> int:
 def durable_copy(src: Path, dst: Path) -> list[str]:
     """`cp` followed by `sync` of what it wrote: the fair baseline for our outputs, which are synced to disk
     before they are published (a plain `cp` returns with the data still in the page cache)."""
-    return ["sh", "-c", f'cp -r "$0" "$1" && sync -f "$1"', str(src), str(dst)]
+    return ["sh", "-c", 'cp -r "$0" "$1" && sync -f "$1"', str(src), str(dst)]
 
 
 def timed(name: str, command: list[str], output: Path, runs: int = 1) -> dict:

@@ -24,8 +24,9 @@ from lightning_tools.sdxl import keys as K
 from lightning_tools.sdxl.detect import check_component, detect
 from lightning_tools.report import Report
 from lightning_tools.sdxl.vocabulary import COMPONENT_NAMES, COMPONENTS, component_titles
+from lightning_tools.outputs import output
 from lightning_tools.stream import LazyTensor, cast, lazy_tensors, write_file
-from lightning_tools.tensors import TensorSource, atomic_output
+from lightning_tools.tensors import TensorSource
 
 if TYPE_CHECKING:
     import torch
@@ -333,7 +334,7 @@ def _write_folder(ckpt: Checkpoint, out: Path, dtype: str | None, metadata: dict
         prepared[c] = installed_names(c, ckpt.components[c], ckpt.configs[c])
     files = support.support_files(config_dir=config_dir, source_dir=ckpt.support_dir, needed_by=ckpt.path)
     shas = {}
-    with atomic_output(out, overwrite) as tmp:
+    with output(out, overwrite=overwrite) as tmp:
         tmp.mkdir()
         for relative, source in files.items():
             (tmp / relative).parent.mkdir(parents=True, exist_ok=True)

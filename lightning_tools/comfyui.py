@@ -21,7 +21,7 @@ from lightning_tools.lora import read_lora
 from lightning_tools.render.plan import Model, Plan
 from lightning_tools.report import Report
 from lightning_tools.sampling import Sampling
-from lightning_tools.tensors import atomic_output
+from lightning_tools.outputs import output
 
 DEFAULT_PROMPT = "A girl smiling"
 
@@ -117,7 +117,7 @@ def export(plan: Plan, *, prompt: str | None = None, seed: int = 0, width: int =
     """The ComfyUI settings for `plan`, and the workflow written to `workflow_path` when given."""
     if workflow_path is not None:
         flow = workflow(plan.model, plan.settings, prompt or DEFAULT_PROMPT, seed, width, height)
-        with atomic_output(workflow_path, overwrite) as tmp:
+        with output(workflow_path, overwrite=overwrite) as tmp:
             tmp.write_text(json.dumps(flow, indent=2) + "\n")
     return ComfyUIExport(plan.model.identity(), plan.settings.as_dict(), plan.settings.comfyui(),
                          plan.settings.comfyui_core, list(plan.warnings), describe(plan.model, plan.settings),

@@ -31,7 +31,8 @@ from lightning_tools.errors import UsageError, UserError
 from lightning_tools.outputs import locked
 from lightning_tools.progress import bar
 from lightning_tools.report import Report
-from lightning_tools.tensors import atomic_output, hash_file
+from lightning_tools.outputs import output
+from lightning_tools.tensors import hash_file
 
 MANIFEST_NAME = "lightning-manifest.json"
 _MANIFEST_FORMAT = "lightning-tools manifest 1"
@@ -112,7 +113,7 @@ def _write_manifest(folder: Path, records: Sequence[Fetched]) -> None:
         files = read_manifest(folder)
         for r in records:
             files[r.filename] = {"repo_id": r.repo_id, "revision": r.revision, "sha256": r.sha256, "size": r.size}
-        with atomic_output(folder / MANIFEST_NAME, overwrite=True) as tmp:
+        with output(folder / MANIFEST_NAME, overwrite=True) as tmp:
             tmp.write_text(json.dumps({"format": _MANIFEST_FORMAT, "files": dict(sorted(files.items()))}, indent=2)
                            + "\n")
 
@@ -395,7 +396,7 @@ def _verify(cached: Path, filename: str, expected: _Expected, dest: Path | None)
         if actual != expected.sha256:
             raise _Mismatch(f"sha256 {actual}")
     else:
-        with atomic_output(dest / filename, overwrite=True) as tmp:
+        with output(dest / filename, overwrite=True) as tmp:
             actual = _copy_hashing(cached, tmp, f"verifying {filename}")
             if actual != expected.sha256:
                 raise _Mismatch(f"sha256 {actual}")

@@ -22,7 +22,7 @@ from lightning_tools.errors import UserError
 from lightning_tools.report import Report
 from lightning_tools.sdxl import detect
 from lightning_tools.sdxl.vocabulary import LAYOUTS, LORA_FORMATS, NEXT_STEP, PREFIXES
-from lightning_tools.tensors import TensorSource, hash_file
+from lightning_tools.tensors import hash_file
 from lightning_tools.verify import lora_modules_not_in_sdxl
 
 # Our provenance keys whose values are JSON: shown decoded.

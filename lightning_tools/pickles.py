@@ -12,7 +12,6 @@ from __future__ import annotations
 from pathlib import Path
 from typing import TYPE_CHECKING, Literal
 
-from lightning_tools import dtypes
 from lightning_tools.errors import CorruptFile, UnsafeFile
 
 if TYPE_CHECKING:

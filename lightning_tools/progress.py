@@ -9,8 +9,10 @@ import os
 import sys
 import warnings
 from collections.abc import Iterator
+from typing import TYPE_CHECKING
 
-from tqdm import tqdm
+if TYPE_CHECKING:
+    from tqdm import tqdm
 
 # The libraries we drive print notices, warnings and bars of their own (diffusers and transformers through
 # their verbosity settings, read when they are imported; huggingface_hub's retries through logging, whose level
@@ -24,8 +26,11 @@ def enabled() -> bool:
     return sys.stderr.isatty() and not os.environ.get("CI")
 
 
-def bar(total: int | None = None, desc: str = "", unit: str = "B", **kwargs) -> tqdm:
-    """A tqdm bar on stderr; disabled unless stderr is a terminal (and not under CI)."""
+def bar(total: int | None = None, desc: str = "", unit: str = "B", **kwargs) -> "tqdm":
+    """A tqdm bar on stderr; disabled unless stderr is a terminal (and not under CI). tqdm is imported here, not
+    at start-up: it costs more than a header-only command's whole work."""
+    from tqdm import tqdm
+
     scale = unit == "B"
     return tqdm(total=total, desc=desc, unit=unit, unit_scale=scale, unit_divisor=1024 if scale else 1000,
                 disable=not enabled(), file=sys.stderr, leave=False, **kwargs)

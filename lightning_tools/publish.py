@@ -27,7 +27,8 @@ from lightning_tools.sampling import DEFAULT_FAMILY, Sampling, for_family
 from lightning_tools.sdxl import SDXL_BASE_REPO
 from lightning_tools.sdxl.detect import detect
 from lightning_tools.sdxl.vocabulary import LAYOUTS
-from lightning_tools.tensors import atomic_output, hash_file
+from lightning_tools.outputs import output
+from lightning_tools.tensors import hash_file
 from lightning_tools.verify import verify_paths
 
 # Front matter for licences the hub has no identifier for: `other` with a name, as stabilityai/sdxl-turbo's card
@@ -451,7 +452,7 @@ def _comfyui_steps(layout: str, weights: list[Upload], s: Sampling) -> list[str]
 def write_card(plan: PublishPlan, path: Path | str, *, overwrite: bool = False) -> PublishPlan:
     """The dry run: the card written to `path`, nothing uploaded."""
     path = Path(path)
-    with atomic_output(path, overwrite) as tmp:
+    with output(path, overwrite=overwrite) as tmp:
         tmp.write_text(plan.card_text)
     plan.card = path
     return plan

@@ -34,7 +34,8 @@ from typing import Any, Literal
 import click
 
 from lightning_tools.errors import UserError
-from lightning_tools.tensors import atomic_output, hash_file
+from lightning_tools.outputs import output
+from lightning_tools.tensors import hash_file
 
 try:
     import tomllib
@@ -387,7 +388,7 @@ class _State:
 
     def save(self) -> None:
         data = {"steps": {name: asdict(record) for name, record in self.steps.items()}, "hashes": self.hashes}
-        with atomic_output(self.path, overwrite=True) as tmp:
+        with output(self.path, overwrite=True) as tmp:
             tmp.write_text(json.dumps(data, indent=1))
 
     def owns(self, step: str, path: Path) -> bool:

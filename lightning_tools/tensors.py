@@ -7,7 +7,6 @@ time, so peak memory is a few tensors, never the model.
 
 from __future__ import annotations
 
-import contextlib
 import errno
 import hashlib
 import json
@@ -267,12 +266,6 @@ class Planned:
         return math.prod(self.shape) * dtypes.ITEM_SIZE[self.dtype]
 
 
-def atomic_output(path: Path | str, overwrite: bool = False) -> contextlib.AbstractContextManager[Path]:
-    """Yield a temporary path beside `path`; it becomes `path` only if the block completes (`outputs.output`:
-    flushed to disk, published without clobbering, cleaned up on any failure or signal)."""
-    return outputs.output(path, overwrite=overwrite)
-
-
 class SafetensorsWriter:
     """Write a safetensors file tensor by tensor, in the planned order.
 
@@ -281,7 +274,7 @@ class SafetensorsWriter:
     first header and with the real hash at the end), so a file can carry its own data hash, or a report known
     only when the data is written, while this I/O layer knows nothing of what the keys mean; and planned tensors
     may be left out (`skip`). The final header must fit in the first one plus `room` bytes. Use as a context
-    manager on a path from `atomic_output`, or on a final path (it then writes to a temporary name itself).
+    manager on a path from `outputs.output`, or on a final path (it then writes to a temporary name itself).
     Stored tensors copied unchanged (`copy`) move inside the kernel with copy_file_range, as `cp` does, where
     the OS and filesystems allow it.
     """
@@ -327,7 +320,7 @@ class SafetensorsWriter:
         header = self._checked(self._header())
         header = self._header(len(header) + self.room)
         self._header_len = len(header)
-        self._atomic = atomic_output(self.path, self.overwrite)
+        self._atomic = outputs.output(self.path, overwrite=self.overwrite)
         self._tmp = self._atomic.__enter__()
         try:
             # Unbuffered: kernel copies and plain writes then share one file position.

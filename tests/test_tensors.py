@@ -7,7 +7,8 @@ from safetensors.torch import load_file, save_file
 
 from lightning_tools.errors import CorruptFile, UserError
 from lightning_tools.provenance import HASH_KEY, with_data_hash
-from lightning_tools.tensors import (Planned, SafetensorsFile, SafetensorsWriter, TensorSource, atomic_output,
+from lightning_tools.outputs import output
+from lightning_tools.tensors import (Planned, SafetensorsFile, SafetensorsWriter, TensorSource,
                                      hash_file, read_header)
 
 
@@ -112,12 +113,12 @@ def test_interrupted_write_leaves_nothing(sample, tmp_path):
 def test_existing_output_needs_overwrite(sample, tmp_path):
     path, _ = sample
     with pytest.raises(UserError, match="--overwrite"):
-        with atomic_output(path):
+        with output(path):
             pass
     folder = tmp_path / "folder"
     folder.mkdir()
     (folder / "old").write_text("old")
-    with atomic_output(folder, overwrite=True) as tmp:
+    with output(folder, overwrite=True) as tmp:
         tmp.mkdir()
         (tmp / "new").write_text("new")
     assert [p.name for p in folder.iterdir()] == ["new"]

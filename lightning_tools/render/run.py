@@ -39,7 +39,7 @@ from lightning_tools.render.plan import Plan, plan
 from lightning_tools.render.world import Process, World
 from lightning_tools.report import Report
 from lightning_tools.sdxl import detect
-from lightning_tools.tensors import atomic_output
+from lightning_tools.outputs import output
 
 DEFAULT_PROMPTS = (
     "A girl smiling",
@@ -293,11 +293,11 @@ def render(plans: Plan | Sequence[Plan], out: Path | str, *, prompts: Sequence[s
     batches = [_Batch(m, tuple(range(i, min(i + batch_size, len(jobs[m])))))
                for m in range(len(plans)) for i in range(0, len(jobs[m]), batch_size)]
 
-    with contextlib.ExitStack() as output:
+    with contextlib.ExitStack() as published:
         tmp = references = None
         with world.together():
             if world.is_main:  # only the main process owns the output: complete or absent
-                tmp = output.enter_context(atomic_output(out, overwrite)).absolute()
+                tmp = published.enter_context(output(out, overwrite=overwrite)).absolute()
                 tmp.mkdir()
                 for name in ([] if single else names):
                     (tmp / name).mkdir()
