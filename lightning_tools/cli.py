@@ -274,7 +274,7 @@ def convert_command(src: Path, to: str, out: Path, config_dir: Path | None, base
 
 _blocks_option = click.option(
     "--blocks", default=None, metavar="SPEC",
-    help="Per-block strengths multiplying every --strength and --alpha: NAME:VALUE pairs such as "
+    help="Per-block strengths multiplying every strength (and --alpha): NAME:VALUE pairs such as "
          "\"IN:0.5,MID:1,OUT:0.8\" or \"IN04:0.3,BASE:0\" (blocks BASE = text encoders, IN00-IN08, MID, "
          "OUT00-OUT08; groups IN, OUT; later pairs win), or 20 numbers in kohya's --lbws order.")
 
