@@ -27,7 +27,7 @@ from lightning_tools import provenance as meta
 from lightning_tools.checkpoint import Checkpoint, open_checkpoint
 from lightning_tools.device import parse_device
 from lightning_tools.errors import UsageError, UserError
-from lightning_tools.lowrank import ModuleReport, by_kind, factorize, overall
+from lightning_tools.lowrank import ModuleReport, by_kind, factorize, kind_lines, overall
 from lightning_tools.outputs import check_containment
 from lightning_tools.report import Report
 from lightning_tools.stream import LazyTensor, write_file
@@ -91,12 +91,7 @@ class ExtractReport(Report):
         if self.settings:
             lines.append(f"  sample it like the tuned model: {self.settings['steps']} steps, "
                          f"{self.settings['prediction_type']} prediction")
-        lines.append("  by module kind (modules, rank, error, energy kept):")
-        width = max((len(kind) for kind in self.by_kind), default=0)
-        for kind, row in sorted(self.by_kind.items(), key=lambda kv: -kv[1]["error"]):
-            lines.append(f"    {kind:<{width}}  {row['modules']:>4}  {row['rank']:>5}  {row['error']:.4f}  "
-                         f"{100 * row['energy']:6.2f}%")
-        return "\n".join(lines)
+        return "\n".join(lines + kind_lines(self.by_kind))
 
 
 def plan_targets(base: Checkpoint, tuned: Checkpoint, rank: int, conv_rank: int) -> list[Target]:

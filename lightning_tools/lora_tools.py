@@ -30,7 +30,7 @@ from lightning_tools import provenance as meta
 from lightning_tools.blocks import parse_blocks
 from lightning_tools.device import parse_device
 from lightning_tools.errors import UsageError, UserError
-from lightning_tools.lowrank import ModuleReport, by_kind, factorize, overall
+from lightning_tools.lowrank import ModuleReport, by_kind, factorize, kind_lines, overall
 from lightning_tools.merge import check_stacking, lora_accelerators
 from lightning_tools.outputs import check_containment
 from lightning_tools.report import Report
@@ -90,12 +90,7 @@ class LoraToolReport(Report):
             lines.append(f"  {self.kept} modules already at or below the rank were copied unchanged")
         if self.worst:
             lines.append(f"  worst module: {self.worst['module']} (error {self.worst['error']:.4f})")
-        lines.append("  by module kind (modules, rank, error, energy kept):")
-        width = max((len(kind) for kind in self.by_kind), default=0)
-        for kind, row in sorted(self.by_kind.items(), key=lambda kv: -kv[1]["error"]):
-            lines.append(f"    {kind:<{width}}  {row['modules']:>4}  {row['rank']:>5}  {row['error']:.4f}  "
-                         f"{100 * row['energy']:6.2f}%")
-        return "\n".join(lines)
+        return "\n".join(lines + kind_lines(self.by_kind))
 
 
 # --- the math ----------------------------------------------------------------------------------------------

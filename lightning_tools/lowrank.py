@@ -113,6 +113,16 @@ def by_kind(reports: list[ModuleReport]) -> dict[str, dict]:
     return {kind: {"modules": len(rs), "rank": max(r.rank for r in rs), **overall(rs)} for kind, rs in groups.items()}
 
 
+def kind_lines(kinds: dict[str, dict]) -> list[str]:
+    """`by_kind` as the lines extract and the LoRA toolbox print, the worst kind first."""
+    lines = ["  by module kind (modules, rank, error, energy kept):"]
+    width = max((len(kind) for kind in kinds), default=0)
+    for kind, row in sorted(kinds.items(), key=lambda kv: -kv[1]["error"]):
+        lines.append(f"    {kind:<{width}}  {row['modules']:>4}  {row['rank']:>5}  {row['error']:.4f}  "
+                     f"{100 * row['energy']:6.2f}%")
+    return lines
+
+
 def overall(reports: list[ModuleReport]) -> dict:
     """Error and energy over all targeted weights together (skipped modules count as fully missed)."""
     total = sum(r.norm ** 2 for r in reports)
