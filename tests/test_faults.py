@@ -20,6 +20,7 @@ import subprocess
 import sys
 import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -37,10 +38,23 @@ from lightning_tools.tiny import sdxl_unet_config
 REPO = Path(__file__).resolve().parents[1]
 
 
-def run(*args, **popen) -> subprocess.Popen:
+def _default_signals() -> None:
+    """In the child: the signals the tests send at their default disposition, whatever the suite inherited (a
+    run under nohup, or in a shell's background, ignores SIGHUP or SIGINT, and so would the tool)."""
+    for signum in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
+        signal.signal(signum, signal.SIG_DFL)
+
+
+def run(*args, before: Callable[[], None] | None = None) -> subprocess.Popen:
+    """The tool in a child process; `before` runs in the child first (a resource limit, say)."""
+    def start() -> None:
+        _default_signals()
+        if before:
+            before()
+
     env = os.environ | {"PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}  # see conftest: threads only contend
     return subprocess.Popen([sys.executable, "-m", "lightning_tools", *map(str, args)], stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True, env=env, **popen)
+                            stderr=subprocess.PIPE, text=True, env=env, preexec_fn=start)
 
 
 def finish(proc: subprocess.Popen, code: int, *fragments: str) -> str:
@@ -266,7 +280,7 @@ def test_file_size_limit_is_one_line_and_leaves_nothing(tiny_pipeline, tmp_path)
     limit = 256 * 1024
     out = tmp_path / "model.safetensors"
     proc = run("convert", tiny_pipeline, "--to", "comfyui", "--out", out,
-               preexec_fn=lambda: resource.setrlimit(resource.RLIMIT_FSIZE, (limit, limit)))
+               before=lambda: resource.setrlimit(resource.RLIMIT_FSIZE, (limit, limit)))
     finish(proc, 1, f"{out}: file too large for the file size limit (ulimit -f)")
     assert list(tmp_path.iterdir()) == [] and sha256(tiny_pipeline) == before
 

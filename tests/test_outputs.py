@@ -284,19 +284,24 @@ def test_write_error_names_the_output_and_cleans_up(tmp_path):
 @pytest.mark.parametrize("signum, kind", [(signal.SIGTERM, "file"), (signal.SIGHUP, "folder"),
                                           (signal.SIGINT, "file")])
 def test_signal_cleans_up_and_exits_128_plus_its_number(tmp_path, signum, kind):
-    before = signal.getsignal(signum)
-    with pytest.raises(Interrupted) as caught:
-        with signals_as_errors():
-            with output(tmp_path / "out") as tmp:
-                if kind == "folder":
-                    tmp.mkdir()
-                    tmp = tmp / "weights"
-                tmp.write_text("partial")
-                os.kill(os.getpid(), signum)
-                signal.pthread_sigmask(signal.SIG_BLOCK, [])  # a point where Python runs the handler
-                raise AssertionError("the signal did not interrupt")
+    # The suite may run with the signal ignored (under nohup, or in a shell's background): start from the default.
+    inherited = signal.signal(signum, signal.SIG_DFL)
+    try:
+        with pytest.raises(Interrupted) as caught:
+            with signals_as_errors():
+                with output(tmp_path / "out") as tmp:
+                    if kind == "folder":
+                        tmp.mkdir()
+                        tmp = tmp / "weights"
+                    tmp.write_text("partial")
+                    os.kill(os.getpid(), signum)
+                    signal.pthread_sigmask(signal.SIG_BLOCK, [])  # a point where Python runs the handler
+                    raise AssertionError("the signal did not interrupt")
+        restored = signal.getsignal(signum)
+    finally:
+        signal.signal(signum, inherited)
     assert caught.value.exit_code == 128 + signum and caught.value.name == signal.Signals(signum).name
-    assert _entries(tmp_path) == [] and signal.getsignal(signum) == before
+    assert _entries(tmp_path) == [] and restored == signal.SIG_DFL
 
 
 def test_signal_while_publishing_waits_for_the_publish(tmp_path):
