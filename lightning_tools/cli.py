@@ -577,7 +577,7 @@ def run_command(ctx: click.Context, recipe: Path, overrides: tuple[str, ...], dr
     """Run the steps of a TOML recipe in order; unchanged steps are skipped. Exits with a failed step's code."""
     from lightning_tools.recipes import load_recipe, run_recipe
 
-    loaded = load_recipe(recipe, overrides, commands=main.commands, allow_outside=allow_outside)
+    loaded = load_recipe(recipe, overrides, commands=step_commands(), allow_outside=allow_outside)
     echo = (lambda line: None) if as_json else (lambda line: click.echo(line, err=not dry_run))
     results = run_recipe(loaded, dry_run=dry_run, force=True if force == "" else force or False, echo=echo,
                          obj=ctx.obj)
@@ -588,6 +588,17 @@ def run_command(ctx: click.Context, recipe: Path, overrides: tuple[str, ...], dr
                    f"{sum(r.status == 'skipped' for r in results)} skipped")
 
 
+def step_commands() -> dict[str, click.Command]:
+    """The commands a recipe step may name, a group's as "GROUP COMMAND" ("lora resize")."""
+    table: dict[str, click.Command] = {}
+    for name, command in main.commands.items():
+        if isinstance(command, click.Group):
+            table |= {f"{name} {sub}": c for sub, c in command.commands.items()}
+        else:
+            table[name] = command
+    return table
+
+
 @main.command()
 @click.argument("folder", type=click.Path(file_okay=False, path_type=Path), default="lightning-demo")
 @json_option
@@ -596,7 +607,7 @@ def demo(ctx: click.Context, folder: Path, as_json: bool) -> None:
     """Run merge, verify, convert, render, extract and a model card on a tiny model in FOLDER."""
     from lightning_tools.demo import describe, run_demo
 
-    results = run_demo(folder, commands=main.commands, echo=(lambda line: None) if as_json else click.echo,
+    results = run_demo(folder, commands=step_commands(), echo=(lambda line: None) if as_json else click.echo,
                        obj=ctx.obj)
     click.echo(json.dumps([r.as_dict() for r in results], indent=2, default=str) if as_json else describe(results))
 

@@ -42,17 +42,18 @@ try:
 except ModuleNotFoundError:  # Python 3.10
     import tomli as tomllib
 
-STEP_COMMANDS = ("fetch", "merge", "convert", "verify", "inspect", "render", "publish", "extract")
+STEP_COMMANDS = ("fetch", "merge", "convert", "verify", "inspect", "render", "publish", "extract", "lora resize",
+                 "lora combine")
 # The options naming what a step writes: the runner records these paths and replaces them when the step runs
 # again. The first is the step's output, which later steps call {step}; a fetch step's output is the file it put
 # in `dest` (the folder itself is shared, so the runner owns only the fetched files).
 OUTPUT_OPTIONS: dict[str, tuple[str, ...]] = {
     "fetch": ("dest",), "merge": ("out",), "convert": ("out",), "render": ("out", "comfyui_workflow"),
-    "extract": ("out",), "publish": ("card",)}
+    "extract": ("out",), "publish": ("card",), "lora resize": ("out",), "lora combine": ("out",)}
 # Commands whose output a recipe must place itself, so that later steps can find it.
-NEEDS_OUTPUT = frozenset({"fetch", "merge", "convert", "render", "extract"})
+NEEDS_OUTPUT = frozenset({"fetch", "merge", "convert", "render", "extract", "lora resize", "lora combine"})
 # Options that name existing files or folders: they must exist (or be an earlier step's output) and are hashed.
-INPUT_OPTIONS = frozenset({"src", "paths", "path", "model", "base", "lora", "config", "reference", "tuned",
+INPUT_OPTIONS = frozenset({"src", "paths", "path", "model", "base", "lora", "loras", "config", "reference", "tuned",
                            "add_difference", "add-difference", "minus",
                            "prompts", "validation"})
 # Parameters the runner sets itself: it replaces only what it wrote, and reads results as values, not JSON.

@@ -272,6 +272,22 @@ def test_an_unreadable_state_file_is_one_line(cli, quick_recipe, tmp_path):
 
 # --- recipes that are broken or hostile fail before any work, in one line ----------------------------------------
 
+def test_lora_toolbox_steps_run_in_a_recipe_and_are_skipped_when_unchanged(cli, tiny_lora, tmp_path):
+    recipe = tmp_path / "toolbox.toml"
+    recipe.write_text(f'[vars]\nworkdir = "{tmp_path / "work"}"\nlora = "{tiny_lora}"\n\n'
+                      '[[steps]]\nname = "small"\nrun = "lora resize"\nsrc = "{lora}"\nrank = 1\n'
+                      'out = "{workdir}/small.safetensors"\n\n'
+                      '[[steps]]\nname = "both"\nrun = "lora combine"\nloras = ["{lora}", "{small}"]\n'
+                      'strength = [0.5, -0.5]\nrank = 2\nallow_stacking = true\nout = "{workdir}/both.safetensors"\n')
+
+    assert statuses(cli("run", recipe, "--json", ok=True)) == {"small": "ran", "both": "ran"}
+    small, both = (load_file(tmp_path / "work" / name) for name in ("small.safetensors", "both.safetensors"))
+    assert {t.shape[0] for k, t in small.items() if k.endswith("lora_down.weight")} == {1}
+    assert {t.shape[0] for k, t in both.items() if k.endswith("lora_down.weight")} <= {1, 2}
+    assert statuses(cli("run", recipe, "--json", ok=True)) == {"small": "skipped", "both": "skipped"}
+    assert statuses(cli("run", recipe, "--force", "small", "--json", ok=True)) == {"small": "ran", "both": "ran"}
+
+
 def write_recipe(tmp_path: Path, body: str, workdir: str | None = None) -> Path:
     path = tmp_path / "broken.toml"
     path.write_text(f'[vars]\nworkdir = "{workdir or tmp_path / "work"}"\n' + body)
