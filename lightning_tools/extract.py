@@ -27,7 +27,7 @@ from lightning_tools import provenance as meta
 from lightning_tools.checkpoint import Checkpoint, open_checkpoint
 from lightning_tools.device import parse_device
 from lightning_tools.errors import UsageError, UserError
-from lightning_tools.lowrank import ModuleReport, by_kind, factorize, kind_lines, overall
+from lightning_tools.lowrank import ModuleReport, by_kind, factorize, kind_lines, overall, rank_for
 from lightning_tools.outputs import check_containment
 from lightning_tools.report import Report
 from lightning_tools.stream import LazyTensor, write_file
@@ -110,7 +110,7 @@ def plan_targets(base: Checkpoint, tuned: Checkpoint, rank: int, conv_rank: int)
     targets = []
     for module in lora.lightning_targets(base.configs["unet"]):
         shape = base_unet[module + ".weight"].shape
-        wanted = conv_rank if _is_kxk(shape) else rank
+        wanted = rank_for(shape, rank, conv_rank)
         targets.append(Target(module, shape, min(wanted, shape[0], math.prod(shape[1:]))))
     return targets
 
@@ -273,7 +273,7 @@ def _summary(reports: list[ModuleReport], untargeted: dict, rank: int, conv_rank
     return {
         "rank": rank, "conv_rank": conv_rank, "dtype": dtype, "min_diff": min_diff,
         "clamp_quantile": clamp_quantile, "modules": len(done), "skipped": len(reports) - len(done),
-        "clamped_ranks": sum(1 for r in done if r.rank < (conv_rank if _is_kxk(r.shape) else rank)),
+        "clamped_ranks": sum(1 for r in done if r.rank < rank_for(r.shape, rank, conv_rank)),
         "svd": {m: sum(1 for r in done if r.svd == m) for m in ("randomized", "exact")},
         **overall(reports),
         "worst": {"module": worst.module, "error": worst.error} if worst else None,
@@ -281,10 +281,6 @@ def _summary(reports: list[ModuleReport], untargeted: dict, rank: int, conv_rank
         "untargeted": {"changed_tensors": untargeted["changed_tensors"],
                        "share_of_change": untargeted["squared_change"] / everything if everything else 0.0},
     }
-
-
-def _is_kxk(shape: tuple[int, ...]) -> bool:
-    return len(shape) == 4 and shape[2:] != (1, 1)
 
 
 def _round(x: float) -> float:

@@ -30,7 +30,7 @@ from lightning_tools import provenance as meta
 from lightning_tools.blocks import parse_blocks
 from lightning_tools.device import parse_device
 from lightning_tools.errors import UsageError, UserError
-from lightning_tools.lowrank import ModuleReport, by_kind, factorize, kind_lines, overall
+from lightning_tools.lowrank import ModuleReport, by_kind, factorize, kind_lines, overall, rank_for
 from lightning_tools.merge import check_stacking, lora_accelerators
 from lightning_tools.outputs import check_containment
 from lightning_tools.report import Report
@@ -244,7 +244,7 @@ def _resized(m: lora.LoraModule, rank: int, conv_rank: int, dynamic: Dynamic | N
     up, down = m.factors.matrices(torch.float32, device)
     values = spectrum(up, down)
     shape = m.delta_shape
-    cap = conv_rank if _is_kxk(shape) else rank
+    cap = rank_for(shape, rank, conv_rank)
     new_rank = choose_rank(values, cap, dynamic, param)
     scale = abs(m.scale)
     label = _label(m.component, m.module)
@@ -324,7 +324,7 @@ def combine_loras(paths: Sequence[Path | str], out: Path | str, *, strengths: Se
     for component, module in sorted(groups, key=lambda cm: (lora.LORA_COMPONENTS.index(cm[0]), cm[1])):
         members = groups[(component, module)]
         shape = _weight_shape(component, module, [m for m, _ in members], sdxl[component])
-        cap = conv_rank if _is_kxk(shape) else rank
+        cap = rank_for(shape, rank, conv_rank)
         new_rank = min(cap, shape[0], math.prod(shape[1:]))
         job = _Job(_label(component, module), shape, new_rank, code, _summed(members, shape, dev))
         modules.append(_lazy_module(component, module, job, factors, float(new_rank)))
@@ -397,10 +397,6 @@ def _report(command: str, inputs: list[Path], strengths: list[float], out: Path,
                                       "ranks", "error", "energy", "worst", "by_kind")}
     return LoraToolReport(command, inputs, strengths, out, format, **fields, sha256=sha, bytes=out.stat().st_size,
                           seconds=round(time.monotonic() - started, 1), per_module=reports)
-
-
-def _is_kxk(shape: tuple[int, ...]) -> bool:
-    return len(shape) == 4 and shape[2:] != (1, 1)
 
 
 def _round(x: float) -> float:

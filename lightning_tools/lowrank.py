@@ -90,6 +90,11 @@ def factorize(delta: torch.Tensor, rank: int, clamp_quantile: float | None = Non
     return up.cpu(), down.cpu(), report
 
 
+def rank_for(shape: tuple[int, ...], rank: int, conv_rank: int) -> int:
+    """The rank asked for a module of `shape`: `conv_rank` for k x k convolutions (3x3 in SDXL), else `rank`."""
+    return conv_rank if len(shape) == 4 and shape[2:] != (1, 1) else rank
+
+
 def module_kind(module: str) -> str:
     """The role of a module without its place: `down_blocks.1.attentions.0.transformer_blocks.1.attn2.to_k`
     -> `attn2.to_k`, `up_blocks.0.resnets.2.conv1` -> `resnets.conv1`, `...attentions.0.proj_in` -> `proj_in`;
