@@ -312,6 +312,12 @@ def test_overwrite_aimed_at_an_input_is_refused(pipeline_copy, tiny_lora, tmp_pa
             result = cli(*command, "--out", out, "--overwrite")
             assert result.exit_code == 1 and result.stderr.count("error:") == 1 and why in result.stderr, \
                 result.stderr
+    render = ["render", base, "--device", "cpu", "--height", 64, "--width", 64, "--out"]
+    card = ["publish", base, "--repo-id", "me/model", "--steps", 4, "--dry-run", "--card"]
+    for command, out, why in ((render, base / "unet", "lies inside the input"), (render, wrap, "contains the input"),
+                              (card, base / "model_index.json", "lies inside the input")):
+        result = cli(*command, out, "--overwrite")
+        assert result.exit_code == 1 and result.stderr.count("error:") == 1 and why in result.stderr, result.stderr
     assert sha256(base) == before and sorted(p.name for p in wrap.iterdir()) == ["base"]
 
 
