@@ -604,7 +604,7 @@ def step_commands() -> dict[str, click.Command]:
 @json_option
 @click.pass_context
 def demo(ctx: click.Context, folder: Path, as_json: bool) -> None:
-    """Run merge, verify, convert, render, extract and a model card on a tiny model in FOLDER."""
+    """Run merge, verify, convert, render, extract, lora resize and a model card on a tiny model in FOLDER."""
     from lightning_tools.demo import describe, run_demo
 
     results = run_demo(folder, commands=step_commands(), echo=(lambda line: None) if as_json else click.echo,

@@ -29,6 +29,8 @@ def test_demo_runs_every_step_skips_them_then_redoes_any_deleted_output(cli, tmp
     report = json.loads((folder / "render" / "report.json").read_text())
     assert report["passed"] and report["scheduler"]["timesteps"] == [999, 749, 499, 249]
     assert (folder / "extracted_lora.safetensors").is_file() and (folder / "model-card.md").is_file()
+    with safe_open(str(folder / "extracted_lora_rank2.safetensors"), "pt") as f:  # lora resize --rank 2
+        assert {f.get_slice(k).get_shape()[0] for k in f.keys() if k.endswith("lora_down.weight")} == {2}
 
     again = cli("demo", folder, "--json", ok=True)
 
@@ -37,9 +39,11 @@ def test_demo_runs_every_step_skips_them_then_redoes_any_deleted_output(cli, tmp
     # step -> its output, and the steps that use it (directly or not), which may run again too
     outputs = {"render": ("render", {"card"}), "card": ("model-card.md", set()),
                "merged": ("tiny-sdxl-lightning-4step.safetensors",
-                          {"verified", "merged_diffusers", "render", "extracted", "card"}),
-               "merged_diffusers": ("tiny-sdxl-lightning-4step", {"render", "extracted", "card"}),
-               "base_comfyui": ("tiny-sdxl.safetensors", set()), "extracted": ("extracted_lora.safetensors", set())}
+                          {"verified", "merged_diffusers", "render", "extracted", "resized", "card"}),
+               "merged_diffusers": ("tiny-sdxl-lightning-4step", {"render", "extracted", "resized", "card"}),
+               "base_comfyui": ("tiny-sdxl.safetensors", set()),
+               "extracted": ("extracted_lora.safetensors", {"resized"}),
+               "resized": ("extracted_lora_rank2.safetensors", set())}
 
     for step, (name, users) in outputs.items():
         path = folder / name
