@@ -333,6 +333,17 @@ def merge_command(base: Path, loras: tuple[Path, ...], strengths: tuple[float, .
     return emit(report, as_json)
 
 
+# Options of every command that writes a LoRA from SVD factors (extract, lora resize, lora combine).
+_lora_out = click.option("--out", required=True, type=click.Path(path_type=Path), help="Output LoRA (.safetensors).")
+_lora_format = click.option("--format", "lora_format", default="kohya", show_default=True,
+                            type=click.Choice(["kohya", "peft"]),
+                            help="kohya: the official Lightning layout, loads everywhere; peft: diffusers/peft only.")
+_lora_device = click.option("--device", default="cpu", show_default=True, help="Where the SVDs run: cpu, cuda, cuda:N.")
+_clamp_quantile = click.option("--clamp-quantile", type=click.FloatRange(0, 1, min_open=True),
+                               help="Clip the factors at this quantile of their magnitudes, e.g. 0.99 (default: no "
+                                    "clipping).")
+
+
 @main.command("extract")
 @click.option("--base", required=True, type=click.Path(path_type=Path),
               help="The SDXL base the model was tuned from (diffusers folder, single file or UNet file).")
@@ -340,16 +351,14 @@ def merge_command(base: Path, loras: tuple[Path, ...], strengths: tuple[float, .
               help="The tuned model, e.g. a full SDXL-Lightning UNet (any layout).")
 @click.option("--rank", required=True, type=click.IntRange(min=1), help="LoRA rank (the official files use 64).")
 @click.option("--conv-rank", type=click.IntRange(min=1), help="Rank of 3x3 conv modules (default: --rank).")
-@click.option("--out", required=True, type=click.Path(path_type=Path), help="Output LoRA (.safetensors).")
-@click.option("--format", "lora_format", default="kohya", show_default=True, type=click.Choice(["kohya", "peft"]),
-              help="kohya: the official Lightning layout, loads everywhere; peft: diffusers/peft only.")
+@_lora_out
+@_lora_format
 @click.option("--dtype", default="fp16", show_default=True, type=click.Choice(["fp16", "bf16", "fp32"]),
               help="Dtype of the LoRA weights.")
-@click.option("--device", default="cpu", show_default=True, help="Where the SVDs run: cpu, cuda, cuda:N.")
+@_lora_device
 @click.option("--min-diff", default=0.0, show_default=True, type=click.FloatRange(min=0),
               help="Leave out modules whose largest absolute weight change is at most this.")
-@click.option("--clamp-quantile", type=click.FloatRange(0, 1, min_open=True),
-              help="Clip LoRA weights at this quantile of their magnitudes, e.g. 0.99 (default: no clipping).")
+@_clamp_quantile
 @overwrite_option
 @json_option
 def extract_command(base: Path, tuned: Path, rank: int, conv_rank: int | None, out: Path, lora_format: str,
@@ -368,13 +377,6 @@ def extract_command(base: Path, tuned: Path, rank: int, conv_rank: int | None, o
 @main.group("lora")
 def lora_group() -> None:
     """Resize a LoRA to a lower rank or combine several into one, with an error report per module."""
-
-
-_lora_out = click.option("--out", required=True, type=click.Path(path_type=Path), help="Output LoRA (.safetensors).")
-_lora_format = click.option("--format", "lora_format", default="kohya", show_default=True,
-                            type=click.Choice(["kohya", "peft"]),
-                            help="kohya: the official Lightning layout, loads everywhere; peft: diffusers/peft only.")
-_lora_device = click.option("--device", default="cpu", show_default=True, help="Where the SVDs run: cpu, cuda, cuda:N.")
 
 
 @lora_group.command("resize")
@@ -411,8 +413,7 @@ def lora_resize_command(src: Path, rank: int, conv_rank: int | None, dynamic: st
 @click.option("--rank", required=True, type=click.IntRange(min=1), help="Rank of the combined LoRA.")
 @click.option("--conv-rank", type=click.IntRange(min=1), help="Rank of 3x3 conv modules (default: --rank).")
 @_blocks_option
-@click.option("--clamp-quantile", type=click.FloatRange(0, 1, min_open=True),
-              help="Clip the factors at this quantile of their magnitudes, e.g. 0.99 (default: no clipping).")
+@_clamp_quantile
 @_lora_out
 @_lora_format
 @click.option("--dtype", default="fp16", show_default=True, type=click.Choice(["fp16", "bf16", "fp32"]),

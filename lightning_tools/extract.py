@@ -13,7 +13,6 @@ A module whose change is at most `--min-diff` is left out of the file when its t
 
 from __future__ import annotations
 
-import json
 import math
 import time
 from collections.abc import Mapping
@@ -27,14 +26,12 @@ from lightning_tools import provenance as meta
 from lightning_tools.checkpoint import Checkpoint, open_checkpoint
 from lightning_tools.device import parse_device
 from lightning_tools.errors import UsageError, UserError
-from lightning_tools.lowrank import ModuleReport, by_kind, factorize, kind_lines, overall, rank_for
+from lightning_tools.lowrank import (ModuleReport, by_kind, factor_shapes, factorize, kind_lines, overall, rank_for,
+                                     report_json, report_room, seeded)
 from lightning_tools.outputs import check_containment
 from lightning_tools.report import Report
+from lightning_tools.sdxl.vocabulary import LORA_TARGETS
 from lightning_tools.stream import LazyTensor, write_file
-
-FORMATS = ("kohya", "peft")
-SEED = 0  # randomized SVD: the same inputs give the same file
-
 
 @dataclass(frozen=True)
 class Target:
@@ -148,12 +145,6 @@ class _Factors:
         return up, down
 
 
-def _factor_shapes(shape: tuple[int, ...], rank: int) -> tuple[tuple[int, ...], tuple[int, ...]]:
-    if len(shape) == 4:
-        return (rank, *shape[1:]), (shape[0], rank, 1, 1)
-    return (rank, shape[1]), (shape[0], rank)
-
-
 def _lazy_modules(targets: list[Target], factors: _Factors, code: str) -> list[lora.LoraModule]:
     """The LoRA modules to write, their factors computed on demand."""
     def part(t: Target, index: int):
@@ -161,7 +152,7 @@ def _lazy_modules(targets: list[Target], factors: _Factors, code: str) -> list[l
 
     modules = []
     for t in targets:
-        down_shape, up_shape = _factor_shapes(t.shape, t.rank)
+        down_shape, up_shape = factor_shapes(t.shape, t.rank)
         low_rank = lora.LowRank(LazyTensor(code, down_shape, part(t, 1)), LazyTensor(code, up_shape, part(t, 0)))
         modules.append(lora.LoraModule("unet", t.module, low_rank, float(t.rank)))
     return modules
@@ -216,19 +207,14 @@ def extract_lora(base: Path | str, tuned: Path | str, out: Path | str, *, rank: 
     def metadata(sha256: str) -> dict[str, str]:
         """The file's own account of itself, complete only when every module is written."""
         summary = _summary(factors.reports, untargeted, rank, conv_rank, min_diff, clamp_quantile, dtype)
-        table = {r.module: [r.rank, _round(r.error), _round(r.energy)] for r in factors.reports}
         written = [m for m in modules if m.module not in factors.skipped]
         return fixed | lora.format_metadata(written, format) | {
-            meta.EXTRACT: json.dumps(summary | {"per_module": {"columns": ["rank", "error", "energy"], "rows": table}},
-                                     separators=(",", ":")),
-            meta.HASH_KEY: "0x" + sha256}
+            meta.EXTRACT: report_json(summary, factors.reports), meta.HASH_KEY: "0x" + sha256}
 
-    # Room for what only the end knows: the report's rows and, for peft, the alphas of the modules written.
-    room = sum(2 * len(t.module) + 160 for t in targets) + 16384
     tensors = _left_out_when_skipped(lora.lora_tensors(modules, format), modules, factors)
-    with torch.random.fork_rng(devices=[dev] if dev.type == "cuda" else []):
-        torch.manual_seed(SEED)
-        sha = write_file(out, tensors, metadata=metadata, overwrite=overwrite, room=room)
+    with seeded(dev):
+        sha = write_file(out, tensors, metadata=metadata, overwrite=overwrite,
+                         room=report_room(t.module for t in targets))
     summary = _summary(factors.reports, untargeted, rank, conv_rank, min_diff, clamp_quantile, dtype)
     return ExtractReport(base, tuned, out, format, **summary, settings=settings.as_dict() if settings else None,
                          sha256=sha, bytes=out.stat().st_size, seconds=round(time.monotonic() - started, 1),
@@ -242,8 +228,8 @@ def _check_options(out: Path, rank: int, conv_rank: int | None, format: str, cla
         raise UserError("already exists; pass --overwrite to replace it", path=out)
     if rank < 1 or (conv_rank is not None and conv_rank < 1):
         raise UsageError(f"rank {min(rank, conv_rank or rank)} is not allowed; ranks are 1 or more")
-    if format not in FORMATS:
-        raise UsageError(f"unknown LoRA format {format!r}; choose kohya or peft")
+    if format not in LORA_TARGETS:
+        raise UsageError(f"unknown LoRA format {format!r}; choose {' or '.join(LORA_TARGETS)}")
     if clamp_quantile is not None and not 0 < clamp_quantile <= 1:
         raise UsageError(f"--clamp-quantile {clamp_quantile} is outside (0, 1]; try 0.99")
 
@@ -281,7 +267,3 @@ def _summary(reports: list[ModuleReport], untargeted: dict, rank: int, conv_rank
         "untargeted": {"changed_tensors": untargeted["changed_tensors"],
                        "share_of_change": untargeted["squared_change"] / everything if everything else 0.0},
     }
-
-
-def _round(x: float) -> float:
-    return float(f"{x:.4g}")

@@ -15,7 +15,6 @@ combine (like kohya's `svd_merge_lora.py`): per adapted weight, the sum of every
 from __future__ import annotations
 
 import functools
-import json
 import math
 import time
 from collections.abc import Callable, Sequence
@@ -30,15 +29,14 @@ from lightning_tools import provenance as meta
 from lightning_tools.blocks import parse_blocks
 from lightning_tools.device import parse_device
 from lightning_tools.errors import UsageError, UserError
-from lightning_tools.lowrank import ModuleReport, by_kind, factorize, kind_lines, overall, rank_for
+from lightning_tools.lowrank import (ModuleReport, by_kind, factor_shapes, factorize, kind_lines, overall, rank_for,
+                                     report_json, report_room, seeded)
 from lightning_tools.merge import check_stacking, lora_accelerators
 from lightning_tools.outputs import check_containment
 from lightning_tools.report import Report
+from lightning_tools.sdxl.vocabulary import LORA_TARGETS
 from lightning_tools.sdxl.detect import base_config, expected_shapes
 from lightning_tools.stream import LazyTensor, cast, write_file
-
-FORMATS = ("kohya", "peft")
-SEED = 0  # randomized SVD: the same inputs give the same file
 
 Dynamic = Literal["sv_fro", "sv_ratio", "sv_cumulative"]
 DYNAMIC: dict[str, str] = {
@@ -154,9 +152,7 @@ class _Factors:
 
 def _lazy_module(component: str, module: str, job: _Job, factors: _Factors, alpha: float) -> lora.LoraModule:
     """A LoRA module whose up/down come from `factors` when first asked for."""
-    shape = job.shape
-    down_shape = (job.rank, *shape[1:]) if len(shape) == 4 else (job.rank, shape[1])
-    up_shape = (shape[0], job.rank, 1, 1) if len(shape) == 4 else (shape[0], job.rank)
+    down_shape, up_shape = factor_shapes(job.shape, job.rank)
     down = LazyTensor(job.dtype, down_shape, lambda: factors.get(job)[1])
     up = LazyTensor(job.dtype, up_shape, lambda: factors.get(job)[0])
     return lora.LoraModule(component, module, lora.LowRank(down, up), alpha, job.label)
@@ -172,16 +168,12 @@ def _write(modules: list[lora.LoraModule], out: Path, format: str, fixed: dict[s
            summary: Callable[[], dict], overwrite: bool, device: torch.device) -> str:
     """The file in one pass; the report goes into room reserved for it. Returns the data sha256."""
     def metadata(sha256: str) -> dict[str, str]:
-        table = {r.module: [r.rank, _round(r.error), _round(r.energy)] for r in reports}
         return fixed | lora.format_metadata(modules, format) | {
-            meta.LOWRANK: json.dumps(summary() | {"per_module": {"columns": ["rank", "error", "energy"],
-                                                                  "rows": table}}, separators=(",", ":")),
-            meta.HASH_KEY: "0x" + sha256}
+            meta.LOWRANK: report_json(summary(), reports), meta.HASH_KEY: "0x" + sha256}
 
-    room = sum(2 * len(m.name) + 160 for m in modules) + 16384
-    with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
-        torch.manual_seed(SEED)
-        return write_file(out, lora.lora_tensors(modules, format), metadata=metadata, overwrite=overwrite, room=room)
+    with seeded(device):
+        return write_file(out, lora.lora_tensors(modules, format), metadata=metadata, overwrite=overwrite,
+                          room=report_room(m.name for m in modules))
 
 
 def _summary(reports: list[ModuleReport], **settings) -> dict:
@@ -381,8 +373,8 @@ def _check_options(out: Path, rank: int, conv_rank: int, format: str, overwrite:
         raise UserError("already exists; pass --overwrite to replace it", path=out)
     if rank < 1 or conv_rank < 1:
         raise UsageError(f"rank {min(rank, conv_rank)} is not allowed; ranks are 1 or more")
-    if format not in FORMATS:
-        raise UsageError(f"unknown LoRA format {format!r}; choose kohya or peft")
+    if format not in LORA_TARGETS:
+        raise UsageError(f"unknown LoRA format {format!r}; choose {' or '.join(LORA_TARGETS)}")
 
 
 def _refuse_unresolved(f: lora.LoraFile) -> None:
@@ -397,7 +389,3 @@ def _report(command: str, inputs: list[Path], strengths: list[float], out: Path,
                                       "ranks", "error", "energy", "worst", "by_kind")}
     return LoraToolReport(command, inputs, strengths, out, format, **fields, sha256=sha, bytes=out.stat().st_size,
                           seconds=round(time.monotonic() - started, 1), per_module=reports)
-
-
-def _round(x: float) -> float:
-    return float(f"{x:.4g}")
