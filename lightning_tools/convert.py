@@ -14,7 +14,7 @@ from lightning_tools import dtypes, lora
 from lightning_tools import provenance as prov
 from lightning_tools.checkpoint import Written, open_checkpoint, with_base, write_checkpoint
 from lightning_tools.errors import UsageError, UserError
-from lightning_tools.outputs import check_containment
+from lightning_tools.outputs import check_output
 from lightning_tools.report import Report
 from lightning_tools.sdxl.detect import detect
 from lightning_tools.sdxl.vocabulary import LORA_TARGETS, MODEL_TARGETS, component_titles
@@ -68,9 +68,7 @@ def convert(src: Path | str, to: str, out: Path | str, *, config_dir: Path | str
     code = dtypes.parse(dtype)
     if to not in MODEL_TARGETS and to not in LORA_TARGETS:
         raise UsageError(f"--to {to}: choose one of {', '.join([*MODEL_TARGETS, *LORA_TARGETS])}")
-    check_containment(out, (src, base, config_dir))
-    if out.exists() and not overwrite:
-        raise UserError("already exists; pass --overwrite to replace it", path=out)
+    check_output(out, (src, base, config_dir), overwrite=overwrite)
     is_lora = detect(src).layout == "lora"
     if to in LORA_TARGETS:
         if not is_lora:

@@ -28,7 +28,7 @@ from lightning_tools.device import parse_device
 from lightning_tools.errors import UsageError, UserError
 from lightning_tools.lowrank import (ModuleReport, by_kind, factor_shapes, factorize, kind_lines, overall, rank_for,
                                      report_json, report_room, seeded)
-from lightning_tools.outputs import check_containment
+from lightning_tools.outputs import check_output
 from lightning_tools.report import Report
 from lightning_tools.sdxl.vocabulary import LORA_TARGETS
 from lightning_tools.stream import LazyTensor, write_file
@@ -185,8 +185,8 @@ def extract_lora(base: Path | str, tuned: Path | str, out: Path | str, *, rank: 
     """
     started = time.monotonic()
     base, tuned, out = Path(base), Path(tuned), Path(out)
-    check_containment(out, (base, tuned))
-    _check_options(out, rank, conv_rank, format, clamp_quantile, overwrite)
+    check_output(out, (base, tuned), overwrite=overwrite)
+    _check_options(rank, conv_rank, format, clamp_quantile)
     code = dtypes.parse(dtype)
     dev = parse_device(device)
     conv_rank = conv_rank or rank
@@ -221,11 +221,8 @@ def extract_lora(base: Path | str, tuned: Path | str, out: Path | str, *, rank: 
                          per_module=factors.reports)
 
 
-def _check_options(out: Path, rank: int, conv_rank: int | None, format: str, clamp_quantile: float | None,
-                   overwrite: bool) -> None:
+def _check_options(rank: int, conv_rank: int | None, format: str, clamp_quantile: float | None) -> None:
     """Refuse bad options before minutes of work, not after."""
-    if out.exists() and not overwrite:
-        raise UserError("already exists; pass --overwrite to replace it", path=out)
     if rank < 1 or (conv_rank is not None and conv_rank < 1):
         raise UsageError(f"rank {min(rank, conv_rank or rank)} is not allowed; ranks are 1 or more")
     if format not in LORA_TARGETS:

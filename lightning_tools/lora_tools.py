@@ -32,7 +32,7 @@ from lightning_tools.errors import UsageError, UserError
 from lightning_tools.lowrank import (ModuleReport, by_kind, factor_shapes, factorize, kind_lines, overall, rank_for,
                                      report_json, report_room, seeded)
 from lightning_tools.merge import check_stacking, lora_accelerators
-from lightning_tools.outputs import check_containment
+from lightning_tools.outputs import check_output
 from lightning_tools.report import Report
 from lightning_tools.sdxl.vocabulary import LORA_TARGETS
 from lightning_tools.sdxl.detect import base_config, expected_shapes
@@ -368,9 +368,7 @@ def _weight_shape(component: str, module: str, members: list[lora.LoraModule],
 def _check_options(out: Path, rank: int, conv_rank: int, format: str, overwrite: bool,
                    inputs: Sequence[Path]) -> None:
     """Refuse bad options before any work."""
-    check_containment(out, tuple(inputs))
-    if out.exists() and not overwrite:
-        raise UserError("already exists; pass --overwrite to replace it", path=out)
+    check_output(out, inputs, overwrite=overwrite)
     if rank < 1 or conv_rank < 1:
         raise UsageError(f"rank {min(rank, conv_rank)} is not allowed; ranks are 1 or more")
     if format not in LORA_TARGETS:

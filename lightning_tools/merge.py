@@ -33,7 +33,7 @@ from lightning_tools.checkpoint import Checkpoint, Written, open_checkpoint, wri
 from lightning_tools.device import parse_device
 from lightning_tools.errors import UsageError, UserError
 from lightning_tools.lora import LoraFile, LoraModule, add_lora, add_lora_bias, modules_of_keys, read_lora
-from lightning_tools.outputs import check_containment
+from lightning_tools.outputs import check_output
 from lightning_tools.report import Report
 from lightning_tools.sampling import Sampling
 from lightning_tools.sdxl.keys import LOGIT_SCALE
@@ -453,9 +453,7 @@ def merge(base: Path | str, loras: Sequence[Path | str], out: Path | str, *, str
     code = dtypes.parse(dtype, allowed=dtypes.OUTPUT_DTYPES)
     compute = dtypes.parse(compute_dtype, "--compute-dtype")
     dev = parse_device(device)
-    check_containment(out, (base, *loras, *tuned, *minuses, config_dir))
-    if out.exists() and not overwrite and not dry_run:
-        raise UserError("already exists; pass --overwrite to replace it", path=out)
+    check_output(out, (base, *loras, *tuned, *minuses, config_dir), overwrite=overwrite or dry_run)
 
     ckpt = open_checkpoint(base, config_dir)
     opened: dict[Path, Checkpoint] = {}

@@ -48,11 +48,10 @@ def output(path: _PathLike, *, overwrite: bool = False) -> Iterator[Path]:
     Refuses an output that exists (unless `overwrite`) or that appears while the block runs. Before publishing,
     the data and the folder entries are flushed to disk, so a crash never leaves a short file under the final
     name. Stale temporaries of dead runs in the destination folder are removed first (one log line says how much
-    was freed). Commands check `check_containment` first, before any work.
+    was freed). Commands call `check_output` first, before any work.
     """
     path = Path(path)
-    if os.path.lexists(path) and not overwrite:
-        raise OutputError("already exists; pass --overwrite to replace it", path=path)
+    _refuse_existing(path, overwrite)
     _check_name(path)
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
@@ -81,6 +80,18 @@ def temp_path(path: _PathLike) -> Path:
     room = _name_max(path.parent) - 1 - len(suffix)
     name = os.fsdecode(os.fsencode(path.name)[:room])  # a long name is cut, never the marker
     return path.with_name(f".{name}{suffix}")
+
+
+def check_output(out: _PathLike, inputs: Iterable[_PathLike | None], *, overwrite: bool) -> None:
+    """What `output` would refuse, checked by a command before any work: an output that is, holds or lies in an
+    input, and one that exists (unless `overwrite`)."""
+    check_containment(out, inputs)
+    _refuse_existing(Path(out), overwrite)
+
+
+def _refuse_existing(path: Path, overwrite: bool) -> None:
+    if os.path.lexists(path) and not overwrite:
+        raise OutputError("already exists; pass --overwrite to replace it", path=path)
 
 
 def check_containment(out: _PathLike, inputs: Iterable[_PathLike | None]) -> None:

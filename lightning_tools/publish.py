@@ -27,7 +27,7 @@ from lightning_tools.sampling import DEFAULT_FAMILY, Sampling, for_family
 from lightning_tools.sdxl import SDXL_BASE_REPO
 from lightning_tools.sdxl.detect import detect
 from lightning_tools.sdxl.vocabulary import LAYOUTS
-from lightning_tools.outputs import check_containment, output
+from lightning_tools.outputs import check_output, output
 from lightning_tools.tensors import hash_file
 from lightning_tools.verify import verify_paths
 
@@ -452,7 +452,7 @@ def _comfyui_steps(layout: str, weights: list[Upload], s: Sampling) -> list[str]
 def write_card(plan: PublishPlan, path: Path | str, *, overwrite: bool = False) -> PublishPlan:
     """The dry run: the card written to `path`, nothing uploaded."""
     path = Path(path)
-    check_containment(path, [plan.src, *(upload.local for upload in plan.uploads)])
+    check_output(path, [plan.src, *(upload.local for upload in plan.uploads)], overwrite=overwrite)
     with output(path, overwrite=overwrite) as tmp:
         tmp.write_text(plan.card_text)
     plan.card = path

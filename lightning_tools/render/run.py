@@ -39,7 +39,7 @@ from lightning_tools.render.plan import Plan, plan
 from lightning_tools.render.world import Process, World
 from lightning_tools.report import Report
 from lightning_tools.sdxl import detect
-from lightning_tools.outputs import check_containment, output
+from lightning_tools.outputs import check_output, output
 
 DEFAULT_PROMPTS = (
     "A girl smiling",
@@ -287,8 +287,6 @@ def render(plans: Plan | Sequence[Plan], out: Path | str, *, prompts: Sequence[s
     dtype = dtype or ("fp16" if world.device.type == "cuda" else "fp32")
     accelerations = accelerations or Accelerations()
     out = Path(out)
-    models = [m for p in plans for m in (p.model, p.model.base) if m is not None]
-    check_containment(out, [path for m in models for path in (m.path, m.config_dir)] + [reference])
     names = model_names([p.model.path for p in plans])
     jobs = [[checks.Job(prompt, seed, width, height, p.settings.steps) for prompt in prompts for seed in seeds]
             for p in plans]
@@ -299,6 +297,9 @@ def render(plans: Plan | Sequence[Plan], out: Path | str, *, prompts: Sequence[s
         tmp = references = None
         with world.together():
             if world.is_main:  # only the main process owns the output: complete or absent
+                models = [m for p in plans for m in (p.model, p.model.base) if m is not None]
+                inputs = [path for m in models for path in (m.path, m.config_dir)] + [reference]
+                check_output(out, inputs, overwrite=overwrite)
                 tmp = published.enter_context(output(out, overwrite=overwrite)).absolute()
                 tmp.mkdir()
                 for name in ([] if single else names):
